@@ -1,0 +1,173 @@
+"""One TCP connection's life: the `start_server` handler hands the transport to `EchoConnection`.
+
+Why a Protocol and not the handler's streams: `StreamReader.read()` copies every chunk into and out
+of a buffer and wakes a future, and `await drain()` per chunk costs a task switch. Handing the
+transport to a small Protocol keeps `asyncio.start_server` as the way connections come in while
+the byte path is one callback per chunk: count the bytes, write them back. Backpressure is the
+transport's own: when the client stops reading and our write buffer passes its high-water mark,
+`pause_writing` pauses reading from that client until the buffer drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any, Protocol
+
+# Close reasons, as they appear in the `reason` field of the close record.
+REASON_EOF = "eof"
+REASON_RESET = "reset"
+REASON_ERROR = "error"
+REASON_SHUTDOWN = "shutdown"
+REASON_CLOSED = "closed"
+
+_RESET_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, TimeoutError)
+
+
+class ConnectionOwner(Protocol):
+    """What a connection reports to: the server that accepted it."""
+
+    def connection_closed(self, connection: EchoConnection) -> None:
+        """Account for, and log, a connection whose transport is gone."""
+
+
+class EchoConnection(asyncio.Protocol):
+    """The byte path of one client: every chunk received is written straight back.
+
+    `bytes_in` is the only per-chunk bookkeeping. Anything unusual (draining at shutdown, and
+    later limits) lowers `byte_limit` so that the single comparison in `data_received` sends the
+    chunk down the slow path.
+    """
+
+    __slots__ = (
+        "byte_limit",
+        "bytes_in",
+        "bytes_in_seen",
+        "close_reason",
+        "discarded",
+        "local",
+        "opened_at",
+        "owner",
+        "peer",
+        "transport",
+        "unsent",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        owner: ConnectionOwner,
+        transport: asyncio.Transport,
+        writer: asyncio.StreamWriter | None,
+    ) -> None:
+        self.owner = owner
+        self.transport = transport
+        # The handler's StreamWriter closes the transport when garbage collected while it is
+        # still open (Python >= 3.11.x), so the connection keeps it until the transport is gone.
+        self.writer = writer
+        self.peer: Any = transport.get_extra_info("peername")
+        self.local: Any = transport.get_extra_info("sockname")
+        self.opened_at = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_in_seen = 0
+        self.discarded = 0
+        self.unsent = 0
+        self.byte_limit: float = math.inf
+        self.close_reason: str | None = None
+
+    # -- the byte path -------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        total = self.bytes_in + len(data)
+        self.bytes_in = total
+        if total > self.byte_limit:
+            self._over_limit(data)
+            return
+        self.transport.write(data)
+
+    def _over_limit(self, data: bytes) -> None:
+        # Draining at shutdown: our side already sent FIN, so what arrives is read and dropped
+        # rather than left unread (closing with unread data would reset the client's stream).
+        self.discarded += len(data)
+
+    def pause_writing(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self.close_reason is None:
+            self.close_reason = REASON_EOF
+        # False: the transport closes itself once everything queued has been written.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.close_reason is None or (exc is not None and self.close_reason == REASON_EOF):
+            if exc is None:
+                self.close_reason = REASON_CLOSED
+            elif isinstance(exc, _RESET_ERRORS):
+                self.close_reason = REASON_RESET
+            else:
+                self.close_reason = REASON_ERROR
+        self.writer = None
+        self.owner.connection_closed(self)
+
+    # -- control from the server ---------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Stop echoing: flush what is queued, send FIN, then wait for the client to close."""
+        if self.transport.is_closing():
+            return
+        self.close_reason = REASON_SHUTDOWN
+        self.byte_limit = -1
+        self.bytes_in_seen = self.bytes_in
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
+    def close_if_quiet(self) -> None:
+        """Close a draining connection if its echo is flushed and nothing arrived since last asked."""
+        if self.bytes_in == self.bytes_in_seen and not self.transport.get_write_buffer_size():
+            self.transport.close()
+        self.bytes_in_seen = self.bytes_in
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now (TCP RST); bytes still queued are counted as unsent."""
+        self.close_reason = reason
+        self.unsent = self.transport.get_write_buffer_size()
+        self.transport.abort()
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes echoed back to the client (handed to the kernel, or queued while still open)."""
+        return self.bytes_in - self.discarded - self.unsent
+
+    def record(self) -> dict[str, Any]:
+        """The fields of this connection's close record (never the payload)."""
+        return {
+            "peer": format_address(self.peer),
+            "local": format_address(self.local),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration_s": round(time.monotonic() - self.opened_at, 6),
+            "reason": self.close_reason,
+        }
+
+
+def format_address(address: Any) -> str:
+    """`host:port` for IPv4, `[host]:port` for IPv6, the path for Unix sockets."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        if ":" in str(host):
+            return f"[{host}]:{port}"
+        return f"{host}:{port}"
+    if isinstance(address, str | bytes) and address:
+        return address if isinstance(address, str) else address.decode("utf-8", "replace")
+    return "unknown"

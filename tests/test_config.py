@@ -1,0 +1,51 @@
+"""ServerConfig validation: every bad value raises one ConfigError naming the option."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from echo_async import ConfigError, ServerConfig
+from echo_async.config import option_flag
+
+
+def test_defaults_are_safe() -> None:
+    config = ServerConfig()
+    assert config.host == "127.0.0.1"  # not opened to the network unless asked
+    assert config.port == 12000
+    assert config.shutdown_timeout == 10.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("port", 70000, "--port: 70000 is out of range 0..65535"),
+        ("port", -1, "--port: -1 is out of range 0..65535"),
+        ("port", "80", "--port: expected an integer, got '80'"),
+        ("port", True, "--port: expected an integer"),
+        ("backlog", 0, "--backlog: 0 is out of range"),
+        ("shutdown_timeout", -1.0, "--shutdown-timeout: -1.0 is not a non-negative"),
+        ("shutdown_timeout", float("nan"), "--shutdown-timeout: nan"),
+        ("shutdown_timeout", float("inf"), "--shutdown-timeout: inf"),
+        ("host", "", "--host: must not be empty"),
+        ("write_buffer_high", 10, "--write-buffer-high: 10 is out of range"),
+    ],
+)
+def test_invalid_values_name_the_option(option: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        ServerConfig(**{option: value})
+    assert str(raised.value).startswith(message)
+    assert raised.value.option == option_flag(option)
+    assert "\n" not in str(raised.value)
+
+
+def test_config_is_frozen() -> None:
+    config = ServerConfig()
+    with pytest.raises(AttributeError):
+        config.port = 1  # type: ignore[misc]
+
+
+def test_option_names_cover_every_field() -> None:
+    assert ServerConfig.option_names()[:2] == ("host", "port")
+    assert option_flag("shutdown_timeout") == "--shutdown-timeout"
