@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="load-test an echo server",
-        description="Load-test any echo server with many concurrent clients; every byte is checked.",
+        description="Load-test any echo server with many concurrent clients, checking every byte.",
     )
     from echo_async.bench import cli as bench_cli
 

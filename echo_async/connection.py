@@ -131,7 +131,7 @@ class EchoConnection(asyncio.Protocol):
             self.transport.close()
 
     def close_if_quiet(self) -> None:
-        """Close a draining connection if its echo is flushed and nothing arrived since last asked."""
+        """Close a draining connection that is flushed and sent nothing since it was last asked."""
         if self.bytes_in == self.bytes_in_seen and not self.transport.get_write_buffer_size():
             self.transport.close()
         self.bytes_in_seen = self.bytes_in

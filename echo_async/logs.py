@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import IO
+from typing import IO, TextIO
 
 import structlog
 
@@ -24,8 +24,8 @@ def resolve_format(requested: str, stream: IO[str]) -> str:
     return "console" if isatty is not None and isatty() else "json"
 
 
-def configure_logging(log_format: str, log_level: str, stream: IO[str] | None = None) -> str:
-    """Send structlog records to `stream` (stdout) as JSON lines or console text; returns the format."""
+def configure_logging(log_format: str, log_level: str, stream: TextIO | None = None) -> str:
+    """Send structlog records to `stream` (default stdout) as JSON or console text; return which."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"unknown log format {log_format!r}")
     if log_level not in LOG_LEVELS:

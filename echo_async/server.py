@@ -1,4 +1,4 @@
-"""EchoServer: runs the listeners of one ServerConfig, tracks its connections, shuts down gracefully.
+"""EchoServer: runs one ServerConfig's listeners, tracks its connections, shuts down gracefully.
 
 The server never touches process-wide state: no event loop policy, no signal handlers, no logging
 configuration. It logs through `structlog.get_logger("echo_async")`; the host application decides
@@ -77,7 +77,7 @@ class EchoServer:
         self._log.info("listening", addresses=self.addresses)
 
     async def serve_forever(self) -> None:
-        """Wait until the server is closed (by `close()` from another task, or by leaving `async with`)."""
+        """Wait until the server is closed (by `close()` elsewhere, or by leaving `async with`)."""
         if not self._servers:
             raise RuntimeError("EchoServer is not started")
         await self._closed.wait()

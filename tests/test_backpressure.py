@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from echo_async import EchoServer, ServerConfig
-from tests.conftest import echo_once, wait_for
+from tests.conftest import echo_once
 from tests.e2e.helpers import start_cli_server, stop_cli_server
 
 MiB = 1024 * 1024
@@ -20,7 +20,7 @@ MiB = 1024 * 1024
 async def test_server_stops_reading_from_a_client_that_does_not_read() -> None:
     config = ServerConfig(host="127.0.0.1", port=0, shutdown_timeout=0.5)
     async with EchoServer(config) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.transport.set_write_buffer_limits(high=64 * MiB)
         writer.write(os.urandom(64 * MiB))  # and never read
         # Wait until the server's intake stops growing: it has paused reading.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import socket
@@ -54,7 +55,7 @@ async def test_payload_written_in_random_pieces_comes_back_whole(
     async with EchoServer(ServerConfig(host="127.0.0.1", port=0)) as running:
         reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
         bounds = sorted({0, len(payload), *(c for c in cuts if c < len(payload))})
-        for start, end in zip(bounds, bounds[1:], strict=False):
+        for start, end in itertools.pairwise(bounds):
             writer.write(payload[start:end])
             await writer.drain()
         writer.write_eof()
@@ -110,7 +111,7 @@ async def test_thousand_concurrent_clients_every_byte_checked(server: EchoServer
 
 
 async def test_accepted_sockets_have_tcp_nodelay(server: EchoServer) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     await wait_for(lambda: server.stats.connections_active == 1)
     (connection,) = server._connections
     sock: Any = connection.transport.get_extra_info("socket")

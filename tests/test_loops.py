@@ -34,7 +34,8 @@ def test_auto_falls_back_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # makes `import uvloop` raise ImportError
     choice = choose_loop("auto")
     assert choice.name == "asyncio"
-    assert choice.fallback is not None and "uvloop" in choice.fallback
+    assert choice.fallback is not None
+    assert "uvloop" in choice.fallback
 
 
 def test_uvloop_required_but_missing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""EchoServer's lifecycle: stats, close records, graceful close, resets, and what it leaves alone."""
+"""EchoServer's lifecycle: stats, close records, graceful close, resets, what it leaves alone."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ async def test_clients_resetting_mid_stream_leave_no_error_or_task(
     tasks_before = asyncio.all_tasks()
     clients = 20
     for _ in range(clients):
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         # Keep the server busy writing to a client that is not reading, then reset.
         writer.write(os.urandom(2 * 1024 * 1024))
         await wait_for(lambda: server.stats.bytes_in > 0)
@@ -121,7 +121,7 @@ async def test_close_drains_in_flight_echo_then_sends_eof(logs: list[dict[str, A
     (record,) = closed_records(logs)
     assert record["reason"] == "shutdown"
     assert record["bytes_out"] == 15
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", server.port)
     writer.close()
 
@@ -131,7 +131,7 @@ async def test_close_aborts_clients_that_stop_reading_at_the_deadline(
 ) -> None:
     server = EchoServer(ServerConfig(host="127.0.0.1", port=0))
     await server.start()
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.transport.set_write_buffer_limits(high=64 * 1024 * 1024)
     writer.write(os.urandom(32 * 1024 * 1024))  # never read: the server's writes back up
     await wait_for(lambda: server.stats.bytes_in > 1024 * 1024)
@@ -176,6 +176,6 @@ async def test_starting_twice_is_an_error(server: EchoServer) -> None:
 
 async def test_busy_port_raises_oserror_and_leaves_nothing_listening(server: EchoServer) -> None:
     other = EchoServer(ServerConfig(host="127.0.0.1", port=server.port))
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="address already in use"):
         await other.start()
     assert other.addresses == []
