@@ -1,0 +1,81 @@
+"""Counters: what one process's bench clients count, read by the driver at every tick."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import ssl
+
+from echo_async.bench.histogram import Histogram
+
+UNLIMITED = 1 << 62
+
+
+class Counters:
+    """Totals the client protocols add to on their hot path, shared by one process's clients.
+
+    ``budget`` is how many more messages may be sent (``--requests``), ``target`` how many round
+    trips end the run; both are effectively infinite for ``--duration`` runs, so the hot path
+    needs no branch on the run kind. ``finished`` is set when the run should end early.
+    """
+
+    __slots__ = (
+        "budget",
+        "connections_made",
+        "connections_open",
+        "echoed_bytes",
+        "error_kinds",
+        "errors",
+        "finished",
+        "first_mismatch",
+        "latency",
+        "mismatched_bytes",
+        "round_trips",
+        "stopping",
+        "target",
+    )
+
+    def __init__(self, requests: int | None = None) -> None:
+        self.budget = UNLIMITED if requests is None else requests
+        self.target = UNLIMITED if requests is None else requests
+        self.round_trips = 0
+        self.echoed_bytes = 0
+        self.connections_made = 0
+        self.connections_open = 0
+        self.errors = 0
+        self.mismatched_bytes = 0
+        self.latency = Histogram()
+        self.error_kinds: dict[str, int] = {}
+        self.first_mismatch: str | None = None
+        self.finished = asyncio.Event()
+        self.stopping = False
+
+    def error(self, kind: str) -> None:
+        """Count one error of the given kind (a short human-readable phrase)."""
+        self.errors += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+
+    def mismatch(self, count: int, description: str) -> None:
+        """Count ``count`` wrongly echoed bytes; the first description is kept for the report."""
+        if count <= 0:
+            return
+        self.mismatched_bytes += count
+        if self.first_mismatch is None:
+            self.first_mismatch = description
+
+
+def describe(exc: BaseException | None) -> str:
+    """A short phrase for why a connection ended or failed, used to group errors."""
+    if exc is None:
+        return "connection closed by the server"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # os.strerror, not exc.strerror: asyncio puts the address in the latter, and errors
+        # are grouped by this text.
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"{os.strerror(exc.errno)} ({name})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,113 @@
+"""An HDR-style latency histogram: log-linear buckets in one flat list of ints.
+
+Values (nanoseconds) below 256 get a bucket each; above, every power of two is split into 128
+buckets, so a bucket is never wider than 1/128 (0.8 %) of its values. Recording is one index
+computation and one increment; merging two histograms is an elementwise add and loses nothing,
+which is what lets ``--processes`` combine workers exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+SUB_BUCKET_BITS = 8
+HALF_BUCKETS = 1 << (SUB_BUCKET_BITS - 1)
+BUCKET_COUNT = (63 - SUB_BUCKET_BITS + 2) * HALF_BUCKETS
+"""Enough buckets for any value below 2**63, so recording never needs a bounds check."""
+
+
+def bucket_index(value: int) -> int:
+    """The bucket holding ``value`` (a non-negative int below 2**63)."""
+    exponent = value.bit_length() - SUB_BUCKET_BITS
+    if exponent > 0:
+        return (exponent << (SUB_BUCKET_BITS - 1)) + (value >> exponent)
+    return value
+
+
+def bucket_bounds(index: int) -> tuple[int, int]:
+    """The lowest and highest value that fall into bucket ``index``."""
+    if index < 2 * HALF_BUCKETS:
+        return index, index
+    exponent = (index >> (SUB_BUCKET_BITS - 1)) - 1
+    mantissa = index - (exponent << (SUB_BUCKET_BITS - 1))
+    return mantissa << exponent, ((mantissa + 1) << exponent) - 1
+
+
+class Histogram:
+    """Counts of values per bucket; percentiles report a bucket's highest value, as HDR does."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: list[int] = [0] * BUCKET_COUNT
+
+    def record(self, value: int, count: int = 1) -> None:
+        """Add ``count`` occurrences of ``value``."""
+        exponent = value.bit_length() - SUB_BUCKET_BITS
+        if exponent > 0:
+            self.counts[(exponent << (SUB_BUCKET_BITS - 1)) + (value >> exponent)] += count
+        else:
+            self.counts[value] += count
+
+    @property
+    def total(self) -> int:
+        """How many values were recorded."""
+        return sum(self.counts)
+
+    def merge(self, other: Histogram) -> None:
+        """Add every count of ``other`` into this histogram, in place."""
+        counts = self.counts
+        for index, count in enumerate(other.counts):
+            if count:
+                counts[index] += count
+
+    def merge_sparse(self, sparse: Mapping[int, int]) -> None:
+        """Add counts given as ``{bucket index: count}`` (the form workers send)."""
+        counts = self.counts
+        for index, count in sparse.items():
+            counts[index] += count
+
+    def sparse(self) -> dict[int, int]:
+        """The non-zero buckets as ``{bucket index: count}``."""
+        return {index: count for index, count in enumerate(self.counts) if count}
+
+    def take_sparse(self) -> dict[int, int]:
+        """Return :meth:`sparse` and reset those buckets to zero, in place.
+
+        In place matters: the client protocols hold a reference to ``counts``.
+        """
+        taken = self.sparse()
+        counts = self.counts
+        for index in taken:
+            counts[index] = 0
+        return taken
+
+    def percentile(self, percent: float) -> int:
+        """The value at or below which ``percent`` % of the recorded values lie (0 when empty)."""
+        total = self.total
+        if total == 0:
+            return 0
+        rank = max(1, math.ceil(total * percent / 100.0))
+        seen = 0
+        for index, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                return bucket_bounds(index)[1]
+        raise AssertionError("unreachable: rank exceeds total")  # pragma: no cover
+
+    @property
+    def max(self) -> int:
+        """The highest recorded value, to bucket precision (0 when empty)."""
+        for index in range(BUCKET_COUNT - 1, -1, -1):
+            if self.counts[index]:
+                return bucket_bounds(index)[1]
+        return 0
+
+    @classmethod
+    def from_values(cls, values: Iterable[int]) -> Histogram:
+        """A histogram holding ``values``; for tests and small tools."""
+        histogram = cls()
+        for value in values:
+            histogram.record(value)
+        return histogram
