@@ -8,26 +8,22 @@ traceback. This is the only module that installs uvloop, signal handlers and log
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
-import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any, NoReturn
 
 import structlog
 
 from echo_async import __version__
-from echo_async.config import ConfigError, ServerConfig, option_flag
-from echo_async.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
-from echo_async.loops import LOOP_CHOICES, LoopUnavailable, choose_loop
-from echo_async.server import EchoServer
+from echo_async.config import OPTIONS, OPTIONS_BY_NAME, ConfigError, Option
+from echo_async.logs import configure_logging
+from echo_async.loops import LoopUnavailable, choose_loop
+from echo_async.service import EXIT_ABORTED, EXIT_OK, StartupError, run_service
+from echo_async.sources import CONFIG_ENVIRONMENT_VARIABLE, load_service_config, render_toml
 
-EXIT_OK = 0
 EXIT_USAGE = 2
-EXIT_ABORTED = 128 + signal.SIGINT
+__all__ = ["EXIT_ABORTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,37 +58,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _type_name(annotation: Any) -> type[Any]:
-    return {"int": int, "float": float, "str": str, "bool": bool}[str(annotation)]
-
-
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = ServerConfig()
-    for option in fields(ServerConfig):
-        kind = _type_name(option.type)
+    # Only options given on the command line land in the namespace (default=SUPPRESS), so that
+    # the environment and the config file can supply the rest: flags > env > file > defaults.
+    for option in OPTIONS:
+        names = [option.flag]
+        extra: dict[str, Any] = {}
+        if option.kind is bool:
+            extra["action"] = argparse.BooleanOptionalAction
+        elif option.choices:
+            extra["choices"] = option.choices
+        else:
+            extra["type"] = option.kind
+            extra["metavar"] = "HOST:PORT" if option.name == "metrics" else _metavar(option)
         parser.add_argument(
-            option_flag(option.name),
+            *names,
             dest=option.name,
-            type=kind,
-            default=getattr(defaults, option.name),
-            metavar=option.name.upper() if kind is str else kind.__name__.upper(),
-            help=f"{option.metadata['help']} (default: %(default)s)",
+            default=argparse.SUPPRESS,
+            help=f"{option.help} (default: {option.default!r}; env {option.environment_variable})",
+            **extra,
         )
     parser.add_argument(
-        "--loop",
-        choices=LOOP_CHOICES,
-        default="auto",
-        help="event loop; auto uses uvloop when it can be imported (default: %(default)s)",
+        "--config",
+        metavar="FILE",
+        default=None,
+        help=f"TOML file of option = value lines (env {CONFIG_ENVIRONMENT_VARIABLE})",
     )
     parser.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default="auto",
-        help="auto is console on a terminal, JSON lines otherwise (default: %(default)s)",
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML and exit",
     )
-    parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)"
-    )
+
+
+def _metavar(option: Option) -> str:
+    if option.kind is float:
+        return "SECONDS"
+    if option.kind is int:
+        return "BYTES" if "bytes" in option.name or "buffer" in option.name else "N"
+    return option.name.upper()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,61 +115,30 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _os_reason(error: OSError) -> str:
-    """The OS's words for an error, without asyncio's wrapping ("error while attempting...")."""
-    if isinstance(error, socket.gaierror) or not error.errno or error.errno < 0:
-        return (error.strerror or str(error)).lower()
-    return os.strerror(error.errno).lower()
-
-
 def run_serve(args: argparse.Namespace) -> int:
     """Validate everything, then run the server until a signal; nothing starts on bad input."""
+    flags = {name: value for name, value in vars(args).items() if name in OPTIONS_BY_NAME}
     try:
-        config = ServerConfig(**{name: getattr(args, name) for name in ServerConfig.option_names()})
-        choice = choose_loop(args.loop)
+        service = load_service_config(flags, os.environ, args.config)
+        choice = choose_loop(service.loop)
     except (ConfigError, LoopUnavailable) as error:
         return _fail(str(error))
-    configure_logging(args.log_format, args.log_level)
-    log = structlog.get_logger("echo_async.cli")
+    if args.print_config:
+        sys.stdout.write(render_toml(service))
+        return EXIT_OK
+    configure_logging(service.log_format, service.log_level)
     if choice.fallback is not None:
-        log.warning("uvloop unavailable, using the asyncio loop", error=choice.fallback)
-    with asyncio.Runner(loop_factory=choice.factory) as runner:
-        return runner.run(_serve(config, choice.name))
-
-
-async def _serve(config: ServerConfig, loop_name: str) -> int:
-    log = structlog.get_logger("echo_async.cli")
-    server = EchoServer(config)
+        structlog.get_logger("echo_async.cli").warning(
+            "uvloop unavailable, using the asyncio loop", error=choice.fallback
+        )
     try:
-        await server.start()
-    except OSError as error:
-        return _fail(f"cannot listen on {config.host}:{config.port}: {_os_reason(error)}")
-    log.info("serving", loop=loop_name, version=__version__)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    status = EXIT_OK
+        if service.workers > 1:
+            from echo_async.supervisor import run_supervisor
 
-    def on_signal(signum: signal.Signals) -> None:
-        nonlocal status
-        if not stop.is_set():
-            log.info("signal received, draining", signal=signum.name)
-            stop.set()
-        elif signum == signal.SIGINT:
-            log.warning("second SIGINT, aborting open connections", signal=signum.name)
-            status = EXIT_ABORTED
-            server.abort_connections()
-
-    handled = (signal.SIGTERM, signal.SIGINT)
-    for signum in handled:
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        await stop.wait()
-        await server.close()
-    finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
-    log.info("exiting", status=status)
-    return status
+            return run_supervisor(service)
+        return run_service(service, choice)
+    except StartupError as error:
+        return _fail(str(error))
 
 
 if __name__ == "__main__":  # pragma: no cover

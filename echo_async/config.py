@@ -1,7 +1,8 @@
-"""ServerConfig: every option of the echo server, validated once; ConfigError names the bad option.
+"""ServerConfig and ServiceConfig: every option, validated once; ConfigError names the bad option.
 
-Config is data: each front end (CLI flags, and later environment and TOML) produces one frozen
-`ServerConfig`; `EchoServer` only reads it.
+Config is data: each front end (CLI flags, environment, TOML file, Python) produces one frozen
+`ServerConfig` (what `EchoServer` does) inside a `ServiceConfig` (what the process does: loop,
+logs, metrics, workers). `echo_async.sources` merges flags, environment and files into them.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ DEFAULT_PORT = 12000
 DEFAULT_BACKLOG = 1024
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_WRITE_BUFFER_HIGH = 256 * 1024
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+LOOP_CHOICES = ("auto", "uvloop", "asyncio")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 64
+_CHOICES = {"loop": LOOP_CHOICES, "log_format": LOG_FORMATS, "log_level": LOG_LEVELS}
 
 
 class ConfigError(ValueError):
-    """An invalid option value; `str()` is one line naming the option."""
+    """An invalid option value; `str()` is one line naming the option (flag, variable or key)."""
 
     def __init__(self, option: str, message: str) -> None:
         super().__init__(f"{option}: {message}")
@@ -34,14 +43,13 @@ def _option(help_text: str, **extra: Any) -> dict[str, Any]:
 class ServerConfig:
     """What an `EchoServer` listens on and how it treats connections.
 
-    Every field is validated on construction: an invalid value raises `ConfigError`.
+    Every field is validated on construction: an invalid value raises `ConfigError`. Limits and
+    timeouts are off when 0.
     """
 
     host: str = field(
         default=DEFAULT_HOST,
-        metadata=_option(
-            "address to listen on; 0.0.0.0 or :: opens the service to the network",
-        ),
+        metadata=_option("address to listen on; 0.0.0.0 or :: opens the service to the network"),
     )
     port: int = field(
         default=DEFAULT_PORT,
@@ -51,30 +59,149 @@ class ServerConfig:
         default=DEFAULT_BACKLOG,
         metadata=_option("listen() backlog: connections the kernel queues before accept"),
     )
+    reuse_port: bool = field(
+        default=False,
+        metadata=_option("set SO_REUSEPORT so several processes can listen on the same port"),
+    )
     shutdown_timeout: float = field(
         default=DEFAULT_SHUTDOWN_TIMEOUT,
-        metadata=_option(
-            "seconds open connections get to finish echoing at shutdown before they are aborted",
-        ),
+        metadata=_option("seconds open connections get to finish at shutdown before an abort"),
     )
     write_buffer_high: int = field(
         default=DEFAULT_WRITE_BUFFER_HIGH,
-        metadata=_option(
-            "bytes queued for a client that does not read before the server stops reading from it",
-        ),
+        metadata=_option("bytes queued for a client that does not read before we stop reading it"),
+    )
+    max_connections: int = field(
+        default=DEFAULT_MAX_CONNECTIONS,
+        metadata=_option("open connections at most; more are accepted and closed at once (0: off)"),
+    )
+    max_connections_per_ip: int = field(
+        default=0,
+        metadata=_option("open connections from one client address at most (0: off)"),
+    )
+    idle_timeout: float = field(
+        default=DEFAULT_IDLE_TIMEOUT,
+        metadata=_option("close a connection that sent nothing for this many seconds (0: off)"),
+    )
+    max_lifetime: float = field(
+        default=0.0,
+        metadata=_option("close a connection this many seconds after it opened (0: off)"),
+    )
+    max_bytes: int = field(
+        default=0,
+        metadata=_option("echo at most this many bytes per connection, then close it (0: off)"),
     )
 
     def __post_init__(self) -> None:
         _check_str(self, "host", allow_empty=False)
         _check_int(self, "port", 0, 65535)
         _check_int(self, "backlog", 1, 65535)
+        _check_bool(self, "reuse_port")
         _check_seconds(self, "shutdown_timeout")
         _check_int(self, "write_buffer_high", 1024, 1 << 30)
+        _check_int(self, "max_connections", 0, 1 << 24)
+        _check_int(self, "max_connections_per_ip", 0, 1 << 24)
+        _check_seconds(self, "idle_timeout")
+        _check_seconds(self, "max_lifetime")
+        _check_int(self, "max_bytes", 0, 1 << 62)
 
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        """The names of every option, in declaration order."""
-        return tuple(f.name for f in fields(cls))
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """The whole `echo-async serve` process: its server plus loop, logs, metrics and workers."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    loop: str = field(
+        default="auto",
+        metadata=_option(
+            "event loop; auto uses uvloop when it can be imported", choices=LOOP_CHOICES
+        ),
+    )
+    log_format: str = field(
+        default="auto",
+        metadata=_option(
+            "auto is console on a terminal, JSON lines otherwise", choices=LOG_FORMATS
+        ),
+    )
+    log_level: str = field(default="info", metadata=_option("log level", choices=LOG_LEVELS))
+    metrics: str = field(
+        default="",
+        metadata=_option("serve Prometheus /metrics and /healthz on HOST:PORT (empty: off)"),
+    )
+    workers: int = field(
+        default=1,
+        metadata=_option("worker processes sharing the port under a supervisor"),
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("loop", "log_format", "log_level"):
+            _check_choice(self, name)
+        _check_str(self, "metrics", allow_empty=True)
+        if self.metrics:
+            parse_host_port(self.metrics, option_flag("metrics"))
+        _check_int(self, "workers", 1, MAX_WORKERS)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One option as every front end sees it: `--flag`, `ECHO_ASYNC_NAME`, TOML key `name`."""
+
+    name: str
+    kind: type[Any]
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    scope: str  # "server" (a ServerConfig field) or "service" (a ServiceConfig field)
+
+    @property
+    def flag(self) -> str:
+        return option_flag(self.name)
+
+    @property
+    def environment_variable(self) -> str:
+        return ENVIRONMENT_PREFIX + self.name.upper()
+
+
+ENVIRONMENT_PREFIX = "ECHO_ASYNC_"
+_KINDS: dict[str, type[Any]] = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _collect_options() -> tuple[Option, ...]:
+    collected = []
+    server_defaults = ServerConfig()
+    for item in fields(ServerConfig):
+        collected.append(
+            Option(
+                item.name,
+                _KINDS[str(item.type)],
+                getattr(server_defaults, item.name),
+                item.metadata["help"],
+                item.metadata.get("choices"),
+                "server",
+            )
+        )
+    service_defaults = ServiceConfig()
+    for item in fields(ServiceConfig):
+        if item.name == "server":
+            continue
+        collected.append(
+            Option(
+                item.name,
+                _KINDS[str(item.type)],
+                getattr(service_defaults, item.name),
+                item.metadata["help"],
+                item.metadata.get("choices"),
+                "service",
+            )
+        )
+    return tuple(collected)
+
+
+def build_service_config(values: dict[str, Any]) -> ServiceConfig:
+    """A ServiceConfig from option values by name (missing ones take their defaults)."""
+    server_values = {k: v for k, v in values.items() if OPTIONS_BY_NAME[k].scope == "server"}
+    service_values = {k: v for k, v in values.items() if OPTIONS_BY_NAME[k].scope == "service"}
+    return ServiceConfig(server=ServerConfig(**server_values), **service_values)
 
 
 def option_flag(name: str) -> str:
@@ -82,7 +209,20 @@ def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _check_str(config: ServerConfig, name: str, *, allow_empty: bool) -> None:
+def parse_host_port(text: str, option: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` -> (host, port); ConfigError naming `option` otherwise."""
+    host, separator, port_text = text.rpartition(":")
+    if not separator or not host or not port_text.isdigit():
+        raise ConfigError(option, f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(option, f"port {port} is out of range 0..65535")
+    return host, port
+
+
+def _check_str(config: Any, name: str, *, allow_empty: bool) -> None:
     value = getattr(config, name)
     if not isinstance(value, str):
         raise ConfigError(option_flag(name), f"expected a string, got {value!r}")
@@ -90,7 +230,20 @@ def _check_str(config: ServerConfig, name: str, *, allow_empty: bool) -> None:
         raise ConfigError(option_flag(name), "must not be empty")
 
 
-def _check_int(config: ServerConfig, name: str, low: int, high: int) -> None:
+def _check_choice(config: Any, name: str) -> None:
+    value = getattr(config, name)
+    allowed: tuple[str, ...] = _CHOICES[name]
+    if value not in allowed:
+        raise ConfigError(option_flag(name), f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_bool(config: Any, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, bool):
+        raise ConfigError(option_flag(name), f"expected true or false, got {value!r}")
+
+
+def _check_int(config: Any, name: str, low: int, high: int) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(option_flag(name), f"expected an integer, got {value!r}")
@@ -98,9 +251,13 @@ def _check_int(config: ServerConfig, name: str, low: int, high: int) -> None:
         raise ConfigError(option_flag(name), f"{value} is out of range {low}..{high}")
 
 
-def _check_seconds(config: ServerConfig, name: str) -> None:
+def _check_seconds(config: Any, name: str) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(option_flag(name), f"expected seconds, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ConfigError(option_flag(name), f"{value} is not a non-negative number of seconds")
+
+
+OPTIONS: tuple[Option, ...] = _collect_options()
+OPTIONS_BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}

@@ -15,12 +15,21 @@ import math
 import time
 from typing import Any, Protocol
 
+# A finishing connection is closed once it has been quiet this long (nginx's lingering close)...
+LINGER_S = 0.5
+# ...and aborted if the client has not let it finish by then (when no shutdown deadline applies).
+FINISH_TIMEOUT_S = 5.0
+
 # Close reasons, as they appear in the `reason` field of the close record.
 REASON_EOF = "eof"
 REASON_RESET = "reset"
 REASON_ERROR = "error"
 REASON_SHUTDOWN = "shutdown"
 REASON_CLOSED = "closed"
+REASON_LIMIT = "limit"
+REASON_IDLE_TIMEOUT = "idle_timeout"
+REASON_MAX_LIFETIME = "max_lifetime"
+REASON_MAX_BYTES = "max_bytes"
 
 _RESET_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, TimeoutError)
 
@@ -35,9 +44,10 @@ class ConnectionOwner(Protocol):
 class EchoConnection(asyncio.Protocol):
     """The byte path of one client: every chunk received is written straight back.
 
-    `bytes_in` is the only per-chunk bookkeeping. Anything unusual (draining at shutdown, and
-    later limits) lowers `byte_limit` so that the single comparison in `data_received` sends the
-    chunk down the slow path.
+    `bytes_in` is the only per-chunk bookkeeping. Anything unusual (a `--max-bytes` budget,
+    finishing at shutdown or on a limit) lowers `byte_limit`, so the single comparison in
+    `data_received` sends the chunk down the slow path. Timers are not per connection: the
+    server's sweep reads `bytes_in` and `last_active` once in a while (see `limits.py`).
     """
 
     __slots__ = (
@@ -46,7 +56,10 @@ class EchoConnection(asyncio.Protocol):
         "bytes_in_seen",
         "close_reason",
         "discarded",
+        "finish_deadline",
+        "last_active",
         "local",
+        "max_bytes",
         "opened_at",
         "owner",
         "peer",
@@ -60,20 +73,24 @@ class EchoConnection(asyncio.Protocol):
         owner: ConnectionOwner,
         transport: asyncio.Transport,
         writer: asyncio.StreamWriter | None,
+        peer: Any,
+        max_bytes: int = 0,
     ) -> None:
         self.owner = owner
         self.transport = transport
         # The handler's StreamWriter closes the transport when garbage collected while it is
         # still open (Python >= 3.11.x), so the connection keeps it until the transport is gone.
         self.writer = writer
-        self.peer: Any = transport.get_extra_info("peername")
+        self.peer = peer
         self.local: Any = transport.get_extra_info("sockname")
-        self.opened_at = time.monotonic()
+        self.opened_at = self.last_active = time.monotonic()
         self.bytes_in = 0
         self.bytes_in_seen = 0
         self.discarded = 0
         self.unsent = 0
-        self.byte_limit: float = math.inf
+        self.max_bytes = max_bytes
+        self.byte_limit: float = max_bytes if max_bytes else math.inf
+        self.finish_deadline = math.inf
         self.close_reason: str | None = None
 
     # -- the byte path -------------------------------------------------------------------------
@@ -87,9 +104,17 @@ class EchoConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def _over_limit(self, data: bytes) -> None:
-        # Draining at shutdown: our side already sent FIN, so what arrives is read and dropped
-        # rather than left unread (closing with unread data would reset the client's stream).
-        self.discarded += len(data)
+        if self.finish_deadline != math.inf:
+            # Finishing: our side already sent FIN, so what arrives is read and dropped rather
+            # than left unread (closing with unread data would reset the client's stream).
+            self.discarded += len(data)
+            return
+        # The --max-bytes budget: echo exactly up to it, then finish.
+        allowed = self.max_bytes - (self.bytes_in - len(data))
+        if allowed > 0:
+            self.transport.write(data[:allowed])
+        self.discarded += len(data) - max(allowed, 0)
+        self.finish(REASON_MAX_BYTES, time.monotonic() + FINISH_TIMEOUT_S)
 
     def pause_writing(self) -> None:
         if not self.transport.is_closing():
@@ -118,26 +143,48 @@ class EchoConnection(asyncio.Protocol):
 
     # -- control from the server ---------------------------------------------------------------
 
-    def begin_shutdown(self) -> None:
-        """Stop echoing: flush what is queued, send FIN, then wait for the client to close."""
-        if self.transport.is_closing():
+    def finish(self, reason: str, deadline: float) -> None:
+        """Stop echoing: flush what is queued, send FIN, close when the client is done.
+
+        Until `deadline` (monotonic seconds) the connection lingers, reading and dropping what
+        the client still sends, so the client gets every echoed byte and a clean EOF, never a
+        reset. The server's sweep closes it once quiet, or aborts it at the deadline.
+        """
+        if self.finish_deadline != math.inf or self.transport.is_closing():
             return
-        self.close_reason = REASON_SHUTDOWN
+        self.close_reason = reason
         self.byte_limit = -1
+        self.finish_deadline = deadline
         self.bytes_in_seen = self.bytes_in
+        self.last_active = time.monotonic()
         if self.transport.can_write_eof():
             self.transport.write_eof()
         else:
             self.transport.close()
 
-    def close_if_quiet(self) -> None:
-        """Close a draining connection that is flushed and sent nothing since it was last asked."""
-        if self.bytes_in == self.bytes_in_seen and not self.transport.get_write_buffer_size():
-            self.transport.close()
-        self.bytes_in_seen = self.bytes_in
+    def sweep(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
+        """Called by the server's sweep: note activity, enforce timers, end lingering finishes."""
+        if self.bytes_in != self.bytes_in_seen:
+            self.bytes_in_seen = self.bytes_in
+            self.last_active = now
+        if self.finish_deadline != math.inf:
+            if now >= self.finish_deadline:
+                self.abort(self.close_reason or REASON_SHUTDOWN)
+            elif now - self.last_active >= LINGER_S and not self.transport.get_write_buffer_size():
+                # Flushed, FIN sent, and nothing unread on our side: closing sends no reset.
+                self.transport.close()
+        elif idle_timeout and now - self.last_active >= idle_timeout:
+            if self.transport.get_write_buffer_size():
+                self.abort(REASON_IDLE_TIMEOUT)  # it stopped reading too: nothing to wait for
+            else:
+                self.finish(REASON_IDLE_TIMEOUT, now + FINISH_TIMEOUT_S)
+        elif max_lifetime and now - self.opened_at >= max_lifetime:
+            self.finish(REASON_MAX_LIFETIME, now + FINISH_TIMEOUT_S)
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (TCP RST); bytes still queued are counted as unsent."""
+        if self.transport.is_closing() and self.writer is None:
+            return
         self.close_reason = reason
         self.unsent = self.transport.get_write_buffer_size()
         self.transport.abort()

@@ -12,8 +12,7 @@ from typing import IO, TextIO
 
 import structlog
 
-LOG_FORMATS = ("auto", "json", "console")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from echo_async.config import LOG_FORMATS, LOG_LEVELS
 
 
 def resolve_format(requested: str, stream: IO[str]) -> str:

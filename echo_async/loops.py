@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-LOOP_CHOICES = ("auto", "uvloop", "asyncio")
+from echo_async.config import LOOP_CHOICES
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 

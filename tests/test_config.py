@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from echo_async import ConfigError, ServerConfig
-from echo_async.config import option_flag
+from echo_async.config import OPTIONS, OPTIONS_BY_NAME, option_flag
 
 
 def test_defaults_are_safe() -> None:
@@ -46,6 +46,10 @@ def test_config_is_frozen() -> None:
         config.port = 1  # type: ignore[misc]
 
 
-def test_option_names_cover_every_field() -> None:
-    assert ServerConfig.option_names()[:2] == ("host", "port")
+def test_every_option_has_a_flag_and_a_variable() -> None:
+    names = [option.name for option in OPTIONS]
+    assert names[:2] == ["host", "port"]
+    assert len(set(names)) == len(names)
+    port = OPTIONS_BY_NAME["port"]
+    assert (port.flag, port.environment_variable) == ("--port", "ECHO_ASYNC_PORT")
     assert option_flag("shutdown_timeout") == "--shutdown-timeout"

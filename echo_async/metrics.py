@@ -1,0 +1,172 @@
+"""Prometheus collectors for an EchoServer, and the /metrics and /healthz endpoint.
+
+The byte path never touches a collector: `ServerMetrics.sync()` copies the server's own counters
+(integers bumped per chunk) into Prometheus once a second and at shutdown. Only per-connection
+events (a close observed in the duration histogram, a rejection) call prometheus_client directly.
+
+With `--workers`, each worker writes its values to prometheus_client's multiprocess directory and
+the supervisor serves their sum; a gauge's `multiprocess_mode="livesum"` counts only live workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+DURATION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+SYNC_INTERVAL_S = 1.0
+_REQUEST_TIMEOUT_S = 5.0
+_MAX_REQUEST_LINE = 8192
+
+
+class ServerMetrics:
+    """The echo_* collectors, registered on `registry` (never the global one unless passed)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.connections_active = Gauge(
+            "echo_connections_active",
+            "Connections open now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.connections_total = Counter(
+            "echo_connections", "Connections accepted and served.", registry=registry
+        )
+        self.connections_rejected = Counter(
+            "echo_connections_rejected",
+            "Connections closed at once because of a limit.",
+            ["reason"],
+            registry=registry,
+        )
+        self.bytes_received = Counter(
+            "echo_bytes_received", "Bytes received from clients.", registry=registry
+        )
+        self.bytes_sent = Counter("echo_bytes_sent", "Bytes echoed to clients.", registry=registry)
+        self.connection_duration = Histogram(
+            "echo_connection_duration_seconds",
+            "How long served connections stayed open.",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._synced = (0, 0, 0)
+
+    def sync(
+        self, connections_active: int, connections_total: int, bytes_in: int, bytes_out: int
+    ) -> None:
+        """Bring the counters up to the server's own totals (they only ever grow)."""
+        last_total, last_in, last_out = self._synced
+        self.connections_active.set(connections_active)
+        if connections_total > last_total:
+            self.connections_total.inc(connections_total - last_total)
+        if bytes_in > last_in:
+            self.bytes_received.inc(bytes_in - last_in)
+        if bytes_out > last_out:
+            self.bytes_sent.inc(bytes_out - last_out)
+        self._synced = (
+            max(connections_total, last_total),
+            max(bytes_in, last_in),
+            max(bytes_out, last_out),
+        )
+
+    def rejected(self, reason: str) -> None:
+        self.connections_rejected.labels(reason=reason).inc()
+
+    def closed(self, duration_s: float) -> None:
+        self.connection_duration.observe(duration_s)
+
+
+class MetricsEndpoint:
+    """A minimal HTTP/1.1 responder on the running loop: GET /metrics and GET /healthz.
+
+    `healthy()` decides /healthz: 200 while the service accepts, 503 while it drains. Requests
+    are bounded (one request line of at most 8 KiB, headers read within 5 s), so a hostile
+    client costs one connection and a timeout, never the service.
+    """
+
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, healthy: Callable[[], bool]
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self.healthy = healthy
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._log: Any = structlog.get_logger("echo_async")
+
+    async def start(self) -> None:
+        """Bind; raises OSError when the address can't be bound."""
+        self._log = structlog.get_logger("echo_async").bind()
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, limit=_MAX_REQUEST_LINE, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._log.info("metrics listening", address=f"http://{self.host}:{self.port}/metrics")
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        for task in list(self._handlers):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await asyncio.wait_for(self._respond(reader, writer), _REQUEST_TIMEOUT_S)
+        except (TimeoutError, ConnectionError, ValueError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_line = await reader.readline()
+        while (await reader.readline()).strip():
+            pass  # headers are not needed
+        parts = request_line.split()
+        method = parts[0] if parts else b""
+        path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+        if method not in (b"GET", b"HEAD"):
+            status, content_type, body = 405, "text/plain", b"method not allowed\n"
+        elif path == b"/metrics":
+            status, content_type, body = 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        elif path == b"/healthz":
+            ok = self.healthy()
+            status, content_type = (200 if ok else 503), "text/plain"
+            body = b"ok\n" if ok else b"draining\n"
+        else:
+            status, content_type, body = 404, "text/plain", b"not found\n"
+        reason = {
+            200: "OK",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            503: "Service Unavailable",
+        }
+        head = (
+            f"HTTP/1.1 {status} {reason[status]}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode("ascii")
+        writer.write(head if method == b"HEAD" else head + body)
+        await writer.drain()

@@ -1,0 +1,112 @@
+"""The `echo-async serve` run path of one process: signals, metrics endpoint, systemd, drain.
+
+This is the application around the library's EchoServer: it alone installs signal handlers and
+the loop's exception filter. `run_service` returns the exit status; a problem the user can fix
+(busy port, bad address) raises StartupError, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from echo_async import __version__, systemd
+from echo_async.config import ServiceConfig, parse_host_port
+from echo_async.loops import LoopChoice
+from echo_async.metrics import MetricsEndpoint, ServerMetrics
+from echo_async.server import EchoServer
+
+EXIT_OK = 0
+EXIT_ABORTED = 128 + signal.SIGINT
+# Set by the supervisor for its workers: where prometheus_client keeps per-process values.
+MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class StartupError(Exception):
+    """The service could not start for a reason the user can fix; `str()` is one line."""
+
+
+def os_reason(error: OSError) -> str:
+    """The OS's words for an error, without asyncio's wrapping ("error while attempting...")."""
+    if isinstance(error, socket.gaierror) or not error.errno or error.errno < 0:
+        return (error.strerror or str(error)).lower()
+    return os.strerror(error.errno).lower()
+
+
+def run_service(service: ServiceConfig, loop: LoopChoice) -> int:
+    """Run one server process until SIGTERM/SIGINT and its drain; return the exit status."""
+    with asyncio.Runner(loop_factory=loop.factory) as runner:
+        return runner.run(_serve(service, loop.name))
+
+
+async def _serve(service: ServiceConfig, loop_name: str) -> int:
+    log = structlog.get_logger("echo_async.service")
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_resource_errors)
+    metrics = None
+    if service.metrics or os.environ.get(MULTIPROCESS_DIRECTORY):
+        metrics = ServerMetrics(CollectorRegistry())
+    config = service.server
+    server = EchoServer(config, sockets=systemd.listen_fds(), metrics=metrics)
+    try:
+        await server.start()
+    except OSError as error:
+        raise StartupError(
+            f"cannot listen on {config.host}:{config.port}: {os_reason(error)}"
+        ) from None
+    endpoint = None
+    if service.metrics and metrics is not None:
+        host, port = parse_host_port(service.metrics, "--metrics")
+        endpoint = MetricsEndpoint(host, port, metrics.registry, lambda: server.is_serving)
+        try:
+            await endpoint.start()
+        except OSError as error:
+            await server.close(timeout=0)
+            raise StartupError(
+                f"--metrics: cannot listen on {service.metrics}: {os_reason(error)}"
+            ) from None
+    log.info("serving", loop=loop_name, version=__version__, pid=os.getpid())
+    stop = asyncio.Event()
+    status = EXIT_OK
+
+    def on_signal(signum: signal.Signals) -> None:
+        nonlocal status
+        if not stop.is_set():
+            log.info("signal received, draining", signal=signum.name)
+            stop.set()
+        elif signum == signal.SIGINT:
+            log.warning("second SIGINT, aborting open connections", signal=signum.name)
+            status = EXIT_ABORTED
+            server.abort_connections()
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        systemd.notify("READY=1")
+        await stop.wait()
+        systemd.notify("STOPPING=1")
+        await server.close()
+        if endpoint is not None:
+            await endpoint.close()
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    log.info("exiting", status=status)
+    return status
+
+
+def _quiet_resource_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Drop asyncio's per-accept EMFILE reports: the server logs such an episode once itself."""
+    exception = context.get("exception")
+    if isinstance(exception, OSError) and exception.errno in _RESOURCE_ERRNOS:
+        return
+    loop.default_exception_handler(context)
