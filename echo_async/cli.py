@@ -66,6 +66,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         extra: dict[str, Any] = {}
         if option.kind is bool:
             extra["action"] = argparse.BooleanOptionalAction
+        elif option.kind is tuple:
+            extra["action"] = "append"
+            extra["metavar"] = "URL"
         elif option.choices:
             extra["choices"] = option.choices
         else:
@@ -117,7 +120,11 @@ def _fail(message: str) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Validate everything, then run the server until a signal; nothing starts on bad input."""
-    flags = {name: value for name, value in vars(args).items() if name in OPTIONS_BY_NAME}
+    flags = {
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in vars(args).items()
+        if name in OPTIONS_BY_NAME
+    }
     try:
         service = load_service_config(flags, os.environ, args.config)
         choice = choose_loop(service.loop)

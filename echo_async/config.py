@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from echo_async.listeners import Listener, ListenerError, parse_listener
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12000
 DEFAULT_BACKLOG = 1024
@@ -47,6 +49,13 @@ class ServerConfig:
     timeouts are off when 0.
     """
 
+    listen: tuple[str, ...] = field(
+        default=(),
+        metadata=_option(
+            "listener URL, repeatable: tcp://HOST:PORT, tls://HOST:PORT, udp://HOST:PORT, "
+            "unix:///PATH; when given, only these open (--host/--port are ignored)"
+        ),
+    )
     host: str = field(
         default=DEFAULT_HOST,
         metadata=_option("address to listen on; 0.0.0.0 or :: opens the service to the network"),
@@ -91,6 +100,27 @@ class ServerConfig:
         default=0,
         metadata=_option("echo at most this many bytes per connection, then close it (0: off)"),
     )
+    tls_cert: str = field(
+        default="", metadata=_option("PEM certificate chain for tls:// listeners")
+    )
+    tls_key: str = field(default="", metadata=_option("PEM private key for tls:// listeners"))
+    tls_client_ca: str = field(
+        default="",
+        metadata=_option("PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    )
+    tls_handshake_timeout: float = field(
+        default=10.0, metadata=_option("seconds a TLS client gets to complete its handshake")
+    )
+    unix_mode: str = field(
+        default="0660", metadata=_option("octal permissions of unix:// socket files")
+    )
+    udp_rate: float = field(
+        default=100.0,
+        metadata=_option("datagrams per second answered per source address (0: no limit)"),
+    )
+    udp_burst: int = field(
+        default=200, metadata=_option("datagrams a source may send at once above --udp-rate")
+    )
 
     def __post_init__(self) -> None:
         _check_str(self, "host", allow_empty=False)
@@ -104,6 +134,37 @@ class ServerConfig:
         _check_seconds(self, "idle_timeout")
         _check_seconds(self, "max_lifetime")
         _check_int(self, "max_bytes", 0, 1 << 62)
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "unix_mode"):
+            _check_str(self, name, allow_empty=name != "unix_mode")
+        _check_seconds(self, "tls_handshake_timeout")
+        if not self.tls_handshake_timeout:
+            raise ConfigError("--tls-handshake-timeout", "must be more than 0")
+        try:
+            mode = int(self.unix_mode, 8)
+        except ValueError:
+            raise ConfigError("--unix-mode", f"{self.unix_mode!r} is not an octal mode") from None
+        if not 0 <= mode <= 0o777:
+            raise ConfigError("--unix-mode", f"{self.unix_mode} is not a mode in 0..0777")
+        _check_seconds(self, "udp_rate")
+        _check_int(self, "udp_burst", 1, 1 << 20)
+        if not isinstance(self.listen, tuple):
+            raise ConfigError("--listen", f"expected a list of URLs, got {self.listen!r}")
+        for url in self.listen:
+            if not isinstance(url, str):
+                raise ConfigError("--listen", f"expected a URL, got {url!r}")
+            try:
+                listener = parse_listener(url)
+            except ListenerError as error:
+                raise ConfigError("--listen", str(error)) from None
+            if listener.scheme == "tls" and not (self.tls_cert and self.tls_key):
+                raise ConfigError("--listen", f"{url} needs --tls-cert and --tls-key")
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """Every listener: the `listen` URLs, or one TCP listener on host and port."""
+        if self.listen:
+            return tuple(parse_listener(url) for url in self.listen)
+        return (Listener("tcp", self.host, self.port),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +224,13 @@ class Option:
 
 
 ENVIRONMENT_PREFIX = "ECHO_ASYNC_"
-_KINDS: dict[str, type[Any]] = {"int": int, "float": float, "str": str, "bool": bool}
+_KINDS: dict[str, type[Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "tuple[str, ...]": tuple,
+}
 
 
 def _collect_options() -> tuple[Option, ...]:

@@ -11,6 +11,7 @@ transport's own: when the client stops reading and our write buffer passes its h
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import time
 from typing import Any, Protocol
@@ -57,6 +58,7 @@ class EchoConnection(asyncio.Protocol):
         "close_reason",
         "discarded",
         "finish_deadline",
+        "kind",
         "last_active",
         "local",
         "max_bytes",
@@ -75,8 +77,10 @@ class EchoConnection(asyncio.Protocol):
         writer: asyncio.StreamWriter | None,
         peer: Any,
         max_bytes: int = 0,
+        kind: str = "tcp",
     ) -> None:
         self.owner = owner
+        self.kind = kind
         self.transport = transport
         # The handler's StreamWriter closes the transport when garbage collected while it is
         # still open (Python >= 3.11.x), so the connection keeps it until the transport is gone.
@@ -209,11 +213,22 @@ class EchoConnection(asyncio.Protocol):
 
 
 def format_address(address: Any) -> str:
-    """`host:port` for IPv4, `[host]:port` for IPv6, the path for Unix sockets."""
+    """`host:port` for IPv4, `[host]:port` for IPv6, the path for Unix sockets.
+
+    IPv6 hosts are written in canonical (compressed) form, and IPv4-mapped ones (`::ffff:a.b.c.d`,
+    how a dual-stack `[::]` listener sees IPv4 clients) as the IPv4 address they are.
+    """
     if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        if ":" in str(host):
-            return f"[{host}]:{port}"
+        host, port = str(address[0]), address[1]
+        if ":" in host:
+            try:
+                ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+            except ValueError:
+                return f"[{host}]:{port}"
+            if ip.ipv4_mapped is not None:
+                return f"{ip.ipv4_mapped}:{port}"
+            scope = "%" + host.split("%", 1)[1] if "%" in host else ""
+            return f"[{ip.compressed}{scope}]:{port}"
         return f"{host}:{port}"
     if isinstance(address, str | bytes) and address:
         return address if isinstance(address, str) else address.decode("utf-8", "replace")

@@ -35,7 +35,7 @@ class Admission:
         """None to serve the connection, or the rejection reason."""
         if self.max_connections and open_connections >= self.max_connections:
             return REJECT_MAX_CONNECTIONS
-        if self.max_per_ip:
+        if self.max_per_ip and peer_host:
             if self.per_ip[peer_host] >= self.max_per_ip:
                 return REJECT_MAX_CONNECTIONS_PER_IP
             self.per_ip[peer_host] += 1
@@ -43,7 +43,7 @@ class Admission:
 
     def release(self, peer_host: str) -> None:
         """A served connection from `peer_host` has closed."""
-        if self.max_per_ip:
+        if self.max_per_ip and peer_host:
             remaining = self.per_ip[peer_host] - 1
             if remaining > 0:
                 self.per_ip[peer_host] = remaining

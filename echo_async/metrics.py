@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import structlog
 from prometheus_client import (
@@ -31,61 +31,104 @@ _REQUEST_TIMEOUT_S = 5.0
 _MAX_REQUEST_LINE = 8192
 
 
+class TransportTotals(NamedTuple):
+    """One transport's counters: open now, served in all, bytes in and out."""
+
+    active: int
+    total: int
+    bytes_in: int
+    bytes_out: int
+
+
 class ServerMetrics:
-    """The echo_* collectors, registered on `registry` (never the global one unless passed)."""
+    """The echo_* collectors, registered on `registry` (never the global one unless passed).
+
+    Per-connection series carry a `transport` label: tcp, tls, unix or udp.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.connections_active = Gauge(
             "echo_connections_active",
             "Connections open now.",
+            ["transport"],
             registry=registry,
             multiprocess_mode="livesum",
         )
         self.connections_total = Counter(
-            "echo_connections", "Connections accepted and served.", registry=registry
+            "echo_connections",
+            "Connections accepted and served.",
+            ["transport"],
+            registry=registry,
         )
         self.connections_rejected = Counter(
             "echo_connections_rejected",
-            "Connections closed at once because of a limit.",
+            "Connections closed at once: a limit, or a failed TLS handshake.",
             ["reason"],
             registry=registry,
         )
         self.bytes_received = Counter(
-            "echo_bytes_received", "Bytes received from clients.", registry=registry
+            "echo_bytes_received", "Bytes received from clients.", ["transport"], registry=registry
         )
-        self.bytes_sent = Counter("echo_bytes_sent", "Bytes echoed to clients.", registry=registry)
+        self.bytes_sent = Counter(
+            "echo_bytes_sent", "Bytes echoed to clients.", ["transport"], registry=registry
+        )
         self.connection_duration = Histogram(
             "echo_connection_duration_seconds",
             "How long served connections stayed open.",
+            ["transport"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
-        self._synced = (0, 0, 0)
+        self.datagrams_received = Counter(
+            "echo_datagrams_received", "UDP datagrams received.", registry=registry
+        )
+        self.datagrams_sent = Counter(
+            "echo_datagrams_sent", "UDP datagrams echoed.", registry=registry
+        )
+        self.datagrams_dropped = Counter(
+            "echo_datagrams_dropped",
+            "UDP datagrams not answered: loop_port, own_address, rate, backpressure.",
+            ["reason"],
+            registry=registry,
+        )
+        self._synced: dict[str, tuple[int, ...]] = {}
 
     def sync(
-        self, connections_active: int, connections_total: int, bytes_in: int, bytes_out: int
+        self,
+        totals: Mapping[str, TransportTotals],
+        datagrams_in: int = 0,
+        datagrams_out: int = 0,
+        datagrams_dropped: Mapping[str, int] | None = None,
     ) -> None:
-        """Bring the counters up to the server's own totals (they only ever grow)."""
-        last_total, last_in, last_out = self._synced
-        self.connections_active.set(connections_active)
-        if connections_total > last_total:
-            self.connections_total.inc(connections_total - last_total)
-        if bytes_in > last_in:
-            self.bytes_received.inc(bytes_in - last_in)
-        if bytes_out > last_out:
-            self.bytes_sent.inc(bytes_out - last_out)
-        self._synced = (
-            max(connections_total, last_total),
-            max(bytes_in, last_in),
-            max(bytes_out, last_out),
-        )
+        """Bring the counters up to the server's own totals (which only ever grow)."""
+        for transport, current in totals.items():
+            if transport != "udp":
+                self.connections_active.labels(transport=transport).set(current.active)
+            self._advance(
+                ("total", transport), current.total, self.connections_total.labels(transport)
+            )
+            self._advance(
+                ("in", transport), current.bytes_in, self.bytes_received.labels(transport)
+            )
+            self._advance(("out", transport), current.bytes_out, self.bytes_sent.labels(transport))
+        self._advance(("datagrams_in",), datagrams_in, self.datagrams_received)
+        self._advance(("datagrams_out",), datagrams_out, self.datagrams_sent)
+        for reason, count in (datagrams_dropped or {}).items():
+            self._advance(("dropped", reason), count, self.datagrams_dropped.labels(reason))
+
+    def _advance(self, key: tuple[str, ...], value: int, counter: Any) -> None:
+        name = "/".join(key)
+        last = self._synced.get(name, (0,))[0]
+        if value > last:
+            counter.inc(value - last)
+            self._synced[name] = (value,)
 
     def rejected(self, reason: str) -> None:
         self.connections_rejected.labels(reason=reason).inc()
 
-    def closed(self, duration_s: float) -> None:
-        self.connection_duration.observe(duration_s)
+    def closed(self, transport: str, duration_s: float) -> None:
+        self.connection_duration.labels(transport=transport).observe(duration_s)
 
 
 class MetricsEndpoint:

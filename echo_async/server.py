@@ -8,7 +8,9 @@ where those records go.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,29 +28,35 @@ from echo_async.connection import (
     format_address,
 )
 from echo_async.limits import Admission, DescriptorWatch, Sweeper, sweep_interval
-from echo_async.metrics import SYNC_INTERVAL_S, ServerMetrics
+from echo_async.listeners import is_loopback
+from echo_async.metrics import SYNC_INTERVAL_S, ServerMetrics, TransportTotals
+from echo_async.sites import Site, open_site
 
 LOGGER_NAME = "echo_async"
+REASON_TLS_HANDSHAKE = "tls_handshake"
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """A snapshot of a server's counters since it started."""
+    """A snapshot of a server's counters since it started (bytes include UDP datagrams)."""
 
     connections_active: int
     connections_total: int
     bytes_in: int
     bytes_out: int
     connections_rejected: int = 0
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    datagrams_dropped: int = 0
 
 
 class EchoServer:
-    """An RFC 862 echo server on the running event loop.
+    """An RFC 862 echo server on the running event loop, over every listener in its config.
 
     Use it as `async with EchoServer(config) as server:`; leaving the block closes it gracefully.
-    Or call `await start()` and later `await close()`. `sockets` are already-bound listening
-    sockets to serve instead of binding `config.host`/`config.port` (systemd socket activation,
-    a supervisor's shared socket). `metrics` receives the server's counters.
+    Or call `await start()` and later `await close()`. `sockets` are already-bound listening TCP
+    sockets to serve instead of `config`'s listeners (systemd socket activation, a supervisor's
+    shared socket). `metrics` receives the server's counters.
     """
 
     def __init__(
@@ -61,18 +69,18 @@ class EchoServer:
         self.config = config if config is not None else ServerConfig()
         self.metrics = metrics
         self._sockets = list(sockets)
-        self._servers: list[asyncio.Server] = []
-        self._bound: list[Any] = []
+        self._sites: list[Site] = []
+        self._tls_context: ssl.SSLContext | None = None
         self._connections: set[EchoConnection] = set()
         self._admission = Admission(self.config)
         self._descriptors = DescriptorWatch()
         self._sweeper = Sweeper(sweep_interval(self.config), self._sweep)
         self._metrics_due = 0.0
-        self._connections_total = 0
+        self._opened: dict[str, int] = {}
+        self._closed_bytes: dict[str, list[int]] = {}
         self._connections_rejected = 0
-        self._closed_bytes_in = 0
-        self._closed_bytes_out = 0
         self._started_at = 0.0
+        self._started = False
         self._closing = False
         self._closed = asyncio.Event()
         self._idle = asyncio.Event()
@@ -82,42 +90,63 @@ class EchoServer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind and start accepting; raises OSError when an address can't be bound."""
-        if self._servers:
+        """Bind every listener and start serving.
+
+        Raises OSError when an address can't be bound and ConfigError for a bad certificate or
+        a Unix socket path in use; either way nothing is left listening.
+        """
+        if self._started:
             raise RuntimeError("EchoServer already started")
+        self._started = True
         # Bound here, not at import, so the host's logging configuration applies.
         self._log = structlog.get_logger(LOGGER_NAME).bind()
         config = self.config
+        listeners = config.listeners
+        if any(listener.scheme == "tls" for listener in listeners):
+            from echo_async.tls import server_context
+
+            self._tls_context = server_context(config, self._handshake_failed)
         try:
             if self._sockets:
                 for sock in self._sockets:
-                    self._servers.append(
-                        await asyncio.start_server(self._accept, sock=sock, backlog=config.backlog)
+                    site = await open_site(
+                        listeners[0].with_port(0), config, self._handler("tcp"), self._log, sock
                     )
+                    self._sites.append(site)
             else:
-                self._servers.append(
-                    await asyncio.start_server(
-                        self._accept,
-                        host=config.host,
-                        port=config.port,
-                        backlog=config.backlog,
-                        reuse_address=True,
-                        reuse_port=config.reuse_port or None,
+                for listener in listeners:
+                    site = await open_site(
+                        listener,
+                        config,
+                        self._handler(listener.scheme),
+                        self._log,
+                        ssl_context=self._tls_context if listener.scheme == "tls" else None,
                     )
-                )
+                    self._sites.append(site)
+                    if listener.scheme == "udp" and not is_loopback(listener.host):
+                        self._log.warning(
+                            "UDP echo listening beyond loopback: it can be abused for "
+                            "reflection; rate limits and loop protection apply",
+                            address=site.addresses[0],
+                            udp_rate=config.udp_rate,
+                        )
         except BaseException:
-            for server in self._servers:
-                server.close()
-            self._servers.clear()
+            for site in self._sites:
+                site.close()
+            for site in self._sites:
+                await site.wait_closed()
+            self._sites.clear()
             raise
-        self._bound = [sock.getsockname() for server in self._servers for sock in server.sockets]
         self._started_at = time.monotonic()
         self._sweeper.start()
         self._log.info("listening", addresses=self.addresses)
 
+    def _handler(self, scheme: str) -> Any:
+        return functools.partial(self._accept, scheme)
+
     async def serve_forever(self) -> None:
         """Wait until the server is closed (by `close()` elsewhere, or by leaving `async with`)."""
-        if not self._servers:
+        if not self._sites:
             raise RuntimeError("EchoServer is not started")
         await self._closed.wait()
 
@@ -135,8 +164,8 @@ class EchoServer:
         self._closing = True
         deadline_s = self.config.shutdown_timeout if timeout is None else timeout
         try:
-            for server in self._servers:
-                server.close()
+            for site in self._sites:
+                site.close()
             if self._connections:
                 self._log.info(
                     "shutting down",
@@ -145,9 +174,14 @@ class EchoServer:
                 )
             aborted = await self._drain(deadline_s)
             self._sweeper.stop()
-            for server in self._servers:
-                await server.wait_closed()
+            for site in self._sites:
+                await site.wait_closed()
             self._sync_metrics()
+            for site in self._sites:
+                if site.datagram is not None:
+                    self._log.info(
+                        "udp summary", address=site.addresses[0], **site.datagram.summary()
+                    )
             stats = self.stats
             self._log.info(
                 "server closed",
@@ -156,7 +190,7 @@ class EchoServer:
                 bytes_in=stats.bytes_in,
                 bytes_out=stats.bytes_out,
                 aborted_at_shutdown=aborted,
-                uptime_s=round(time.monotonic() - self._started_at, 3) if self._servers else 0.0,
+                uptime_s=round(time.monotonic() - self._started_at, 3) if self._sites else 0.0,
             )
         finally:
             self._sweeper.stop()
@@ -206,70 +240,97 @@ class EchoServer:
     @property
     def host(self) -> str:
         """The host of the first bound address (still known after close)."""
-        return self._first_address()[0]  # type: ignore[no-any-return]
+        return str(self._first_address()[0])
 
     @property
     def port(self) -> int:
         """The port of the first bound address (the one the OS picked when the config says 0)."""
-        return self._first_address()[1]  # type: ignore[no-any-return]
+        return int(self._first_address()[1])
 
     @property
     def addresses(self) -> list[str]:
-        """Every bound address as a URL, e.g. `tcp://127.0.0.1:12000`, `tcp://[::1]:12000`."""
-        return ["tcp://" + format_address(address) for address in self._bound]
+        """Every bound address as a URL: `tcp://127.0.0.1:12000`, `udp://[::1]:7`, `unix:///p`."""
+        return [address for site in self._sites for address in site.addresses]
 
     @property
     def is_serving(self) -> bool:
         """True from `start()` until `close()` begins (what /healthz reports)."""
-        return bool(self._servers) and not self._closing
+        return bool(self._sites) and not self._closing
 
     @property
     def stats(self) -> Stats:
         """Counters right now: closed connections' totals plus the open connections' so far."""
-        bytes_in = self._closed_bytes_in
-        bytes_out = self._closed_bytes_out
-        for connection in self._connections:
-            bytes_in += connection.bytes_in
-            bytes_out += connection.bytes_out - connection.transport.get_write_buffer_size()
+        totals = self.transport_totals()
+        datagrams = [site.datagram for site in self._sites if site.datagram is not None]
         return Stats(
-            connections_active=len(self._connections),
-            connections_total=self._connections_total,
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
+            connections_active=sum(t.active for t in totals.values()),
+            connections_total=sum(t.total for t in totals.values()),
+            bytes_in=sum(t.bytes_in for t in totals.values()),
+            bytes_out=sum(t.bytes_out for t in totals.values()),
             connections_rejected=self._connections_rejected,
+            datagrams_in=sum(d.datagrams_in for d in datagrams),
+            datagrams_out=sum(d.datagrams_out for d in datagrams),
+            datagrams_dropped=sum(sum(d.dropped.values()) for d in datagrams),
         )
 
+    def transport_totals(self) -> dict[str, TransportTotals]:
+        """Counters per transport (`tcp`, `tls`, `unix`, `udp`), for metrics."""
+        active: dict[str, int] = {}
+        live: dict[str, list[int]] = {}
+        for connection in self._connections:
+            kind = connection.kind
+            active[kind] = active.get(kind, 0) + 1
+            sums = live.setdefault(kind, [0, 0])
+            sums[0] += connection.bytes_in
+            sums[1] += connection.bytes_out - connection.transport.get_write_buffer_size()
+        totals = {}
+        for kind in set(self._opened) | set(live):
+            closed = self._closed_bytes.get(kind, [0, 0])
+            sums = live.get(kind, [0, 0])
+            totals[kind] = TransportTotals(
+                active.get(kind, 0),
+                self._opened.get(kind, 0),
+                closed[0] + sums[0],
+                closed[1] + sums[1],
+            )
+        for site in self._sites:
+            if site.datagram is not None:
+                previous = totals.get("udp", TransportTotals(0, 0, 0, 0))
+                totals["udp"] = TransportTotals(
+                    0,
+                    0,
+                    previous.bytes_in + site.datagram.bytes_in,
+                    previous.bytes_out + site.datagram.bytes_out,
+                )
+        return totals
+
     def _first_address(self) -> Any:
-        if not self._bound:
-            raise RuntimeError("EchoServer is not started")
-        return self._bound[0]
+        for site in self._sites:
+            if site.bound:
+                return site.bound[0]
+        raise RuntimeError("EchoServer is not started or has no IP listener")
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, kind: str, reader: asyncio.StreamReader, writer: Any) -> None:
         # A plain function, not a coroutine: start_server then creates no Task per connection.
         # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
         transport = cast(asyncio.Transport, writer.transport)
         peer = transport.get_extra_info("peername")
-        rejection = self._admission.admit(len(self._connections), _host_of(peer))
-        if rejection is not None:
-            self._reject(transport, peer, rejection)
+        if not self._admit(transport, peer):
             return
-        connection = EchoConnection(self, transport, writer, peer, self.config.max_bytes)
+        connection = EchoConnection(self, transport, writer, peer, self.config.max_bytes, kind)
         transport.set_protocol(connection)
-        transport.set_write_buffer_limits(high=self.config.write_buffer_high)
-        self._connections.add(connection)
-        self._connections_total += 1
-        self._idle.clear()
-        self._log.debug("connection opened", peer=format_address(peer))
-        if self._closing:
-            connection.finish(REASON_SHUTDOWN, time.monotonic() + LINGER_S)
+        self._register(connection)
 
-    def _reject(self, transport: asyncio.Transport, peer: Any, reason: str) -> None:
+    def _admit(self, transport: asyncio.Transport, peer: Any) -> bool:
+        rejection = self._admission.admit(len(self._connections), _host_of(peer))
+        if rejection is None:
+            return True
         transport.close()
         self._connections_rejected += 1
         if self.metrics is not None:
-            self.metrics.rejected(reason)
+            self.metrics.rejected(rejection)
         self._log.info(
             "connection rejected",
             peer=format_address(peer),
@@ -278,17 +339,35 @@ class EchoServer:
             bytes_out=0,
             duration_s=0.0,
             reason=REASON_LIMIT,
-            limit=reason,
+            limit=rejection,
         )
+        return False
+
+    def _register(self, connection: EchoConnection) -> None:
+        connection.transport.set_write_buffer_limits(high=self.config.write_buffer_high)
+        self._connections.add(connection)
+        self._opened[connection.kind] = self._opened.get(connection.kind, 0) + 1
+        self._idle.clear()
+        self._log.debug("connection opened", peer=format_address(connection.peer))
+        if self._closing:
+            connection.finish(REASON_SHUTDOWN, time.monotonic() + LINGER_S)
+
+    def _handshake_failed(self, error: ssl.SSLError) -> None:
+        # Called from inside the loop's TLS layer, which knows no peer address at that point.
+        self._connections_rejected += 1
+        if self.metrics is not None:
+            self.metrics.rejected(REASON_TLS_HANDSHAKE)
+        self._log.info("tls handshake failed", reason=REASON_TLS_HANDSHAKE, error=_describe(error))
 
     def connection_closed(self, connection: EchoConnection) -> None:
         self._connections.discard(connection)
         self._admission.release(_host_of(connection.peer))
-        self._closed_bytes_in += connection.bytes_in
-        self._closed_bytes_out += connection.bytes_out
+        closed = self._closed_bytes.setdefault(connection.kind, [0, 0])
+        closed[0] += connection.bytes_in
+        closed[1] += connection.bytes_out
         record = connection.record()
         if self.metrics is not None:
-            self.metrics.closed(record["duration_s"])
+            self.metrics.closed(connection.kind, record["duration_s"])
         self._log.info("connection closed", **record)
         if not self._connections:
             self._idle.set()
@@ -310,19 +389,38 @@ class EchoServer:
                 "file descriptors available again; accepting",
                 episode=self._descriptors.episodes,
             )
+        for site in self._sites:
+            if site.datagram is not None and len(site.datagram.buckets) > 1024:
+                site.datagram.prune(now)
         if self.metrics is not None and now >= self._metrics_due:
             self._metrics_due = now + SYNC_INTERVAL_S
             self._sync_metrics()
 
     def _sync_metrics(self) -> None:
-        if self.metrics is not None:
-            stats = self.stats
-            self.metrics.sync(
-                stats.connections_active, stats.connections_total, stats.bytes_in, stats.bytes_out
-            )
+        if self.metrics is None:
+            return
+        datagrams = [site.datagram for site in self._sites if site.datagram is not None]
+        dropped: dict[str, int] = {}
+        for datagram in datagrams:
+            for reason, count in datagram.dropped.items():
+                dropped[reason] = dropped.get(reason, 0) + count
+        self.metrics.sync(
+            self.transport_totals(),
+            datagrams_in=sum(d.datagrams_in for d in datagrams),
+            datagrams_out=sum(d.datagrams_out for d in datagrams),
+            datagrams_dropped=dropped,
+        )
 
 
 def _host_of(peer: Any) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return ""
+
+
+def _describe(error: BaseException) -> str:
+    """One short line for a handshake failure: no traceback, never payload."""
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return error.reason.lower()
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -18,7 +18,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from echo_async import __version__, systemd
-from echo_async.config import ServiceConfig, parse_host_port
+from echo_async.config import ConfigError, ServerConfig, ServiceConfig, parse_host_port
 from echo_async.loops import LoopChoice
 from echo_async.metrics import MetricsEndpoint, ServerMetrics
 from echo_async.server import EchoServer
@@ -58,9 +58,11 @@ async def _serve(service: ServiceConfig, loop_name: str) -> int:
     server = EchoServer(config, sockets=systemd.listen_fds(), metrics=metrics)
     try:
         await server.start()
+    except ConfigError as error:
+        raise StartupError(str(error)) from None
     except OSError as error:
         raise StartupError(
-            f"cannot listen on {config.host}:{config.port}: {os_reason(error)}"
+            f"cannot listen on {_where(config, error)}: {os_reason(error)}"
         ) from None
     endpoint = None
     if service.metrics and metrics is not None:
@@ -104,9 +106,32 @@ async def _serve(service: ServiceConfig, loop_name: str) -> int:
     return status
 
 
+def _where(config: ServerConfig, error: OSError) -> str:
+    """Which listener failed: asyncio doesn't say, so name the one the error points at."""
+    listeners = config.listeners
+    if len(listeners) == 1:
+        listener = listeners[0]
+        if listener.scheme == "unix":
+            return listener.url
+        return listener.url if config.listen else f"{listener.host}:{listener.port}"
+    text = str(error)
+    for listener in listeners:
+        if f"{listener.port})" in text or (listener.path and listener.path in text):
+            return listener.url
+    return ", ".join(listener.url for listener in listeners)
+
+
 def _quiet_resource_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Drop asyncio's per-accept EMFILE reports: the server logs such an episode once itself."""
+    """Drop asyncio's per-accept EMFILE reports: the server logs such an episode once itself.
+
+    asyncio's selector loop answers EMFILE on accept with one report and one retry timer per
+    backlog slot; timers still pending when the server closes then fail on the closed socket
+    ("Invalid file descriptor: -1" in `_start_serving`). Both are noise about a condition the
+    server already reports; everything else goes to the default handler.
+    """
     exception = context.get("exception")
     if isinstance(exception, OSError) and exception.errno in _RESOURCE_ERRNOS:
+        return
+    if isinstance(exception, ValueError) and "_start_serving" in repr(context.get("handle")):
         return
     loop.default_exception_handler(context)

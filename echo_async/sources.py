@@ -73,6 +73,9 @@ def environment_values(environ: Mapping[str, str]) -> dict[str, Any]:
 def parse_text(option: Option, text: str, source: str) -> Any:
     """A string (from the environment) as the option's type."""
     text = text.strip()
+    if option.kind is tuple:
+        # Several values in one variable: separated by commas or whitespace.
+        return tuple(part for part in text.replace(",", " ").split() if part)
     if option.kind is bool:
         if text.lower() in _TRUE:
             return True
@@ -114,6 +117,10 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def _typed_file_value(option: Option, value: Any, source: str) -> Any:
+    if option.kind is tuple:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(source, f"expected a list of strings, got {value!r}")
+        return tuple(value)
     if option.kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if option.kind is int and isinstance(value, bool):
@@ -133,6 +140,8 @@ def render_toml(config: ServiceConfig) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

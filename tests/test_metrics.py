@@ -11,6 +11,8 @@ from echo_async import EchoServer, ServerConfig
 from echo_async.metrics import MetricsEndpoint, ServerMetrics
 from tests.conftest import echo_once, wait_for
 
+TCP = {"transport": "tcp"}
+
 
 async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -24,6 +26,7 @@ async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, byte
 async def test_metric_values_match_the_traffic() -> None:
     metrics = ServerMetrics(CollectorRegistry())
     payloads = [os.urandom(size) for size in (1, 1000, 70_000, 5)]
+    sample = metrics.registry.get_sample_value
     async with EchoServer(ServerConfig(host="127.0.0.1", port=0), metrics=metrics) as server:
         for payload in payloads:
             assert await echo_once(server.port, payload) == payload
@@ -31,15 +34,14 @@ async def test_metric_values_match_the_traffic() -> None:
         writer.write(b"open")
         assert await reader.readexactly(4) == b"open"
         # Synced from the server's own counters at most a second later.
-        await wait_for(lambda: metrics.registry.get_sample_value("echo_connections_active") == 1, 5)
+        await wait_for(lambda: sample("echo_connections_active", TCP) == 1, 5)
         writer.close()
-    sample = metrics.registry.get_sample_value
     total_bytes = sum(map(len, payloads)) + 4
-    assert sample("echo_connections_total") == len(payloads) + 1
-    assert sample("echo_connections_active") == 0
-    assert sample("echo_bytes_received_total") == total_bytes
-    assert sample("echo_bytes_sent_total") == total_bytes
-    assert sample("echo_connection_duration_seconds_count") == len(payloads) + 1
+    assert sample("echo_connections_total", TCP) == len(payloads) + 1
+    assert sample("echo_connections_active", TCP) == 0
+    assert sample("echo_bytes_received_total", TCP) == total_bytes
+    assert sample("echo_bytes_sent_total", TCP) == total_bytes
+    assert sample("echo_connection_duration_seconds_count", TCP) == len(payloads) + 1
 
 
 async def test_endpoint_serves_metrics_and_health() -> None:
@@ -51,7 +53,7 @@ async def test_endpoint_serves_metrics_and_health() -> None:
         status, body = await http_get(endpoint.port, "/metrics")
         assert status == 200
         assert b"echo_connections_active" in body
-        assert b"echo_connection_duration_seconds_bucket" in body
+        assert b"# TYPE echo_connection_duration_seconds histogram" in body
         assert await http_get(endpoint.port, "/healthz") == (200, b"ok\n")
         healthy = False
         assert await http_get(endpoint.port, "/healthz") == (503, b"draining\n")

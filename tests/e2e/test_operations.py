@@ -90,10 +90,10 @@ def test_metrics_endpoint_reports_the_traffic_and_health(tmp_path: Path) -> None
             with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
                 return str(response.read().decode())
 
-        wait_until(lambda: "echo_bytes_received_total 20010.0" in scraped())
+        wait_until(lambda: 'echo_bytes_received_total{transport="tcp"} 20010.0' in scraped())
         text = scraped()
-        assert "echo_connections_total 2.0" in text
-        assert "echo_bytes_sent_total 20010.0" in text
+        assert 'echo_connections_total{transport="tcp"} 2.0' in text
+        assert 'echo_bytes_sent_total{transport="tcp"} 20010.0' in text
         with urllib.request.urlopen(url + "/healthz", timeout=5) as response:
             assert response.status == 200
     finally:

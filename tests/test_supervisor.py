@@ -1,0 +1,327 @@
+"""`echo-async serve --workers N`: the supervisor, its workers on one port, their summed metrics."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from echo_async.config import ServerConfig
+from echo_async.service import MULTIPROCESS_DIRECTORY
+from echo_async.supervisor import (
+    MAX_RESTARTS,
+    RESTART_WINDOW_S,
+    WORKER_ENVIRONMENT_VARIABLE,
+    RestartBudget,
+    reserve_port,
+    worker_environment,
+)
+from tests.e2e.helpers import CliServer, cli_command, start_cli_server, stop_cli_server, wait_until
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="--workers needs Linux")
+
+Record = dict[str, Any]
+
+
+@pytest.fixture
+def supervisors() -> Iterator[list[CliServer]]:
+    """Supervisors a test started; any still running at the end are stopped, workers killed."""
+    started: list[CliServer] = []
+    yield started
+    for process in started:
+        if process.poll() is None:  # the test failed: still drain, so the temp dir goes too
+            with contextlib.suppress(AssertionError):
+                stop_cli_server(process, timeout=20)
+        for pid in worker_pids(process):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def start_supervisor(
+    supervisors: list[CliServer], tmp_path: Path, *extra: str
+) -> tuple[CliServer, int]:
+    process, port = start_cli_server(["--workers", "2", *extra], tmp_path)
+    supervisors.append(process)
+    wait_for_record(process, lambda r: r["event"] == "workers ready")
+    return process, port
+
+
+def wait_for_record(process: CliServer, predicate: Callable[[Record], bool]) -> Record:
+    found: list[Record] = []
+
+    def seen() -> bool:
+        found[:] = [r for r in process.records() if predicate(r)]
+        return bool(found) or process.poll() is not None
+
+    wait_until(seen, timeout=20)
+    assert found, f"supervisor exited {process.returncode} before the record appeared"
+    return found[0]
+
+
+def worker_pids(process: CliServer) -> list[int]:
+    started = ("worker started", "worker restarted")
+    return [r["pid"] for r in process.records() if r["event"] in started]
+
+
+def metrics_port(process: CliServer) -> int:
+    record = wait_for_record(process, lambda r: r["event"] == "metrics listening")
+    return int(record["address"].rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Each sample name of /metrics with its values summed over every label set."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    sums: dict[str, float] = collections.defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            sums[sample.name] += sample.value
+    return sums
+
+
+def wait_for_metrics(port: int, expected: dict[str, float]) -> None:
+    """Poll /metrics until it shows `expected` (workers copy their counters once a second)."""
+    last: dict[str, float] = {}
+
+    def matches() -> bool:
+        last.clear()
+        last.update(scrape(port))
+        return all(last.get(name, 0.0) == value for name, value in expected.items())
+
+    try:
+        wait_until(matches, timeout=10)
+    except AssertionError:
+        shown = {name: last.get(name, 0.0) for name in expected}
+        raise AssertionError(f"/metrics {shown} never matched {expected}") from None
+
+
+def connect_and_echo(port: int, count: int) -> list[socket.socket]:
+    """`count` open connections, each having echoed one byte (so a worker has accepted it)."""
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        clients.append(client)
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+    return clients
+
+
+def echo(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := client.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def connections_by_worker(pids: list[int], port: int) -> dict[int, int]:
+    """How many established connections to `port` each process holds (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":  # ESTABLISHED
+                    inodes.add(f"socket:[{fields[9]}]")
+    counts = {}
+    for pid in pids:
+        directory = Path(f"/proc/{pid}/fd")
+        links = [os.readlink(fd) for fd in directory.iterdir()]
+        counts[pid] = sum(link in inodes for link in links)
+    return counts
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def http_status(port: int, path: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return int(response.status)
+
+
+def test_workers_share_the_port_a_killed_one_is_restarted_and_sigterm_drains_all(
+    tmp_path: Path, supervisors: list[CliServer]
+) -> None:
+    process, port = start_supervisor(
+        supervisors, tmp_path, "--metrics", "127.0.0.1:0", "--shutdown-timeout", "5"
+    )
+    metrics = metrics_port(process)
+    first = worker_pids(process)
+    assert len(first) == 2
+    assert http_status(metrics, "/healthz") == 200
+
+    clients = connect_and_echo(port, 40)
+    spread = connections_by_worker(first, port)
+    for client in clients:
+        client.close()
+    assert sum(spread.values()) == 40
+    assert all(spread.values()), spread  # the kernel gave both workers some
+    payload = os.urandom(1_000_000)
+    assert echo(port, payload) == payload
+    connections, received = 41, 40 + len(payload)
+    wait_for_metrics(
+        metrics,
+        {
+            "echo_connections_total": connections,
+            "echo_bytes_received_total": received,
+            "echo_bytes_sent_total": received,
+            "echo_connections_active": 0,
+        },
+    )
+
+    os.kill(first[0], signal.SIGKILL)
+    restarted = wait_for_record(process, lambda r: r["event"] == "worker restarted")
+    assert restarted["index"] == 0
+    assert restarted["pid"] not in first
+    wait_for_record(
+        process, lambda r: r["event"] == "worker ready" and r["pid"] == restarted["pid"]
+    )
+    died = wait_for_record(process, lambda r: r["event"] == "worker exited")
+    assert (died["pid"], died["signal"], died["level"]) == (first[0], "SIGKILL", "warning")
+    assert not is_running(first[0])
+
+    second = [restarted["pid"], first[1]]
+    held = connect_and_echo(port, 40)
+    try:
+        spread = connections_by_worker(second, port)
+        assert sum(spread.values()) == 40
+        assert all(spread.values()), spread
+        # The killed worker's counts survive it; the live gauge sums the live workers only.
+        wait_for_metrics(
+            metrics,
+            {
+                "echo_connections_total": connections + 40,
+                "echo_bytes_received_total": received + 40,
+                "echo_connections_active": 40,
+            },
+        )
+        assert stop_cli_server(process) == 0
+        for client in held:
+            assert client.recv(10) == b""  # drained: a clean EOF, not a reset
+    finally:
+        for client in held:
+            client.close()
+    exits = [r for r in process.records() if r["event"] == "worker exited"][1:]
+    assert sorted((r["pid"], r["status"]) for r in exits) == sorted((pid, 0) for pid in second)
+    wait_until(lambda: not any(is_running(pid) for pid in worker_pids(process)))
+
+
+def test_second_sigint_makes_the_workers_abort_a_stuck_drain(
+    tmp_path: Path, supervisors: list[CliServer]
+) -> None:
+    process, port = start_supervisor(supervisors, tmp_path, "--shutdown-timeout", "60")
+    hog = socket.create_connection(("127.0.0.1", port))
+    hog.setblocking(False)
+    try:
+        # Fill every buffer: the drain can't finish while we don't read.
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(100_000):
+                hog.send(b"x" * 65536)
+        process.send_signal(signal.SIGINT)
+        wait_for_record(process, lambda r: r["event"] == "shutting down")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 130
+    finally:
+        hog.close()
+    assert not any(is_running(pid) for pid in worker_pids(process))
+
+
+def test_a_worker_that_keeps_dying_stops_the_supervisor_with_status_1(
+    tmp_path: Path, supervisors: list[CliServer]
+) -> None:
+    process, _ = start_supervisor(supervisors, tmp_path)
+    killed: set[int] = set()
+    for _ in range(MAX_RESTARTS + 1):
+        pid = next(r["pid"] for r in reversed(process.records()) if r.get("index") == 0)
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+        wait_for_record(
+            process,
+            lambda r: (
+                r["event"] in ("worker restarted", "worker keeps dying, stopping")
+                and r.get("pid") not in killed
+            ),
+        )
+    assert process.wait(15) == 1
+    records = process.records()
+    assert sum(r["event"] == "worker restarted" for r in records) == MAX_RESTARTS
+    assert any(r["event"] == "worker keeps dying, stopping" for r in records)
+    assert not any(is_running(pid) for pid in worker_pids(process))
+
+
+@pytest.mark.parametrize("busy", ["--port", "--metrics"])
+def test_a_busy_address_is_one_line_and_exit_2_before_any_worker(busy: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        where = f"127.0.0.1:{taken}"
+        command = [*cli_command(), "serve", "--workers", "2", "--log-format", "json"]
+        if busy == "--port":
+            command += ["--port", str(taken), "--metrics", "127.0.0.1:0"]
+        else:
+            command += ["--port", "0", "--metrics", where]
+        result = subprocess.run(command, capture_output=True, timeout=30, check=False)
+    assert result.returncode == 2
+    expected = {
+        "--port": f"echo-async serve: error: cannot listen on {where}: address already in use",
+        "--metrics": f"echo-async serve: error: --metrics: cannot listen on {where}: "
+        "address already in use",
+    }[busy]
+    assert result.stderr.decode().splitlines() == [expected]
+    assert b"worker started" not in result.stdout
+
+
+def test_reserved_port_takes_no_connections_but_keeps_the_port() -> None:
+    (probe,) = reserve_port(ServerConfig(host="127.0.0.1", port=0))
+    with probe:
+        port = probe.getsockname()[1]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", port))
+
+
+def test_worker_environment_drops_echo_async_and_systemd_variables() -> None:
+    environ = {
+        "PATH": "/bin",
+        "ECHO_ASYNC_PORT": "1",
+        "ECHO_ASYNC_CONFIG": "x.toml",
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+        "LISTEN_FDS": "1",
+        MULTIPROCESS_DIRECTORY: "/elsewhere",
+    }
+    assert worker_environment(environ, 3, "/tmp/n", "/tmp/m") == {
+        "PATH": "/bin",
+        WORKER_ENVIRONMENT_VARIABLE: "3",
+        "NOTIFY_SOCKET": "/tmp/n",
+        MULTIPROCESS_DIRECTORY: "/tmp/m",
+    }
+    assert MULTIPROCESS_DIRECTORY not in worker_environment(environ, 0, "/tmp/n", None)
+
+
+def test_restart_budget_backs_off_then_gives_up_until_the_window_passes() -> None:
+    budget = RestartBudget()
+    delays = [budget.next_delay(100.0 + i) for i in range(MAX_RESTARTS)]
+    assert delays == pytest.approx([0.0, 0.1, 0.3, 0.7, 1.5])
+    assert budget.next_delay(100.0 + MAX_RESTARTS) is None
+    assert budget.next_delay(100.0 + MAX_RESTARTS + RESTART_WINDOW_S) is not None
