@@ -19,7 +19,13 @@ from echo_async import __version__
 from echo_async.config import OPTIONS, OPTIONS_BY_NAME, ConfigError, Option
 from echo_async.logs import configure_logging
 from echo_async.loops import LoopUnavailable, choose_loop
-from echo_async.service import EXIT_ABORTED, EXIT_OK, StartupError, run_service
+from echo_async.service import (
+    EXIT_ABORTED,
+    EXIT_OK,
+    WORKER_ENVIRONMENT_VARIABLE,
+    StartupError,
+    run_service,
+)
 from echo_async.sources import CONFIG_ENVIRONMENT_VARIABLE, load_service_config, render_toml
 
 EXIT_USAGE = 2
@@ -134,6 +140,10 @@ def run_serve(args: argparse.Namespace) -> int:
         sys.stdout.write(render_toml(service))
         return EXIT_OK
     configure_logging(service.log_format, service.log_level)
+    worker = os.environ.get(WORKER_ENVIRONMENT_VARIABLE)
+    if worker is not None and worker.isdigit():
+        # Set by the supervisor: every record of a worker says which one it is.
+        structlog.contextvars.bind_contextvars(worker=int(worker))
     if choice.fallback is not None:
         structlog.get_logger("echo_async.cli").warning(
             "uvloop unavailable, using the asyncio loop", error=choice.fallback

@@ -38,6 +38,7 @@ def configure_logging(log_format: str, log_level: str, stream: TextIO | None = N
         renderer = structlog.dev.ConsoleRenderer(colors=output.isatty())
     structlog.configure(
         processors=[
+            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -27,6 +27,8 @@ EXIT_OK = 0
 EXIT_ABORTED = 128 + signal.SIGINT
 # Set by the supervisor for its workers: where prometheus_client keeps per-process values.
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+# Set by the supervisor for its workers: the worker's index, 0..N-1.
+WORKER_ENVIRONMENT_VARIABLE = "ECHO_ASYNC_WORKER"
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 

@@ -40,13 +40,13 @@ from echo_async.service import (
     EXIT_ABORTED,
     EXIT_OK,
     MULTIPROCESS_DIRECTORY,
+    WORKER_ENVIRONMENT_VARIABLE,
     StartupError,
     os_reason,
 )
 from echo_async.sources import render_toml
 
 EXIT_FAILURE = 1
-WORKER_ENVIRONMENT_VARIABLE = "ECHO_ASYNC_WORKER"
 RESTART_WINDOW_S = 10.0
 MAX_RESTARTS = 5  # per worker within RESTART_WINDOW_S; the next death ends the supervisor
 RESTART_BACKOFF_S = 0.1

@@ -382,3 +382,38 @@ async def test_several_listeners_in_one_server(tls_files: dict[str, str], tmp_pa
         stats = server.stats
         assert stats.connections_total == 4
         assert stats.bytes_in == len(b"tcpunixtlsv6udp")
+
+
+async def test_udp_beyond_loopback_warns(logs: list[dict[str, Any]]) -> None:
+    async with EchoServer(ServerConfig(listen=("udp://0.0.0.0:0",))):
+        pass
+    (warning,) = [r for r in logs if r["log_level"] == "warning"]
+    assert "reflection" in warning["event"]
+    async with EchoServer(ServerConfig(listen=("udp://127.0.0.1:0",))):
+        pass
+    assert len([r for r in logs if r["log_level"] == "warning"]) == 1
+
+
+async def test_metrics_carry_the_transport(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from echo_async.metrics import ServerMetrics
+
+    metrics = ServerMetrics(CollectorRegistry())
+    path = str(tmp_path / "m.sock")
+    config = ServerConfig(listen=("tcp://127.0.0.1:0", "udp://127.0.0.1:0", f"unix://{path}"))
+    async with EchoServer(config, metrics=metrics) as server:
+        tcp_port = int(server.addresses[0].rsplit(":", 1)[1])
+        udp_port = int(server.addresses[1].rsplit(":", 1)[1])
+        assert await echo_once(tcp_port, b"12345") == b"12345"
+        assert await unix_echo(path, b"123") == b"123"
+        transport, client = await udp_client(udp_port)
+        transport.sendto(b"1234567")
+        assert await asyncio.wait_for(client.received.get(), 5) == b"1234567"
+        transport.close()
+    sample = metrics.registry.get_sample_value
+    assert sample("echo_bytes_received_total", {"transport": "tcp"}) == 5
+    assert sample("echo_bytes_received_total", {"transport": "unix"}) == 3
+    assert sample("echo_bytes_received_total", {"transport": "udp"}) == 7
+    assert sample("echo_datagrams_sent_total") == 1
+    assert sample("echo_connections_total", {"transport": "unix"}) == 1

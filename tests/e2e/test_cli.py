@@ -147,3 +147,46 @@ def test_asyncio_loop_when_asked(tmp_path: Path) -> None:
         assert stop_cli_server(process) == 0
     serving = next(r for r in process.records() if r["event"] == "serving")
     assert serving["loop"] == "asyncio"
+
+
+def test_several_listeners_from_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "cli.sock"
+    process, port = start_cli_server(
+        [
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--listen",
+            "udp://127.0.0.1:0",
+            "--listen",
+            f"unix://{path}",
+        ],
+        tmp_path,
+    )
+    try:
+        listening = next(r for r in process.records() if r["event"] == "listening")
+        tcp_url, udp_url, unix_url = listening["addresses"]
+        assert unix_url == f"unix://{path}"
+        assert echo(port, b"over tcp") == b"over tcp"
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))
+            client.sendall(b"over unix")
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(100) == b"over unix"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            client.sendto(b"over udp", ("127.0.0.1", int(udp_url.rsplit(":", 1)[1])))
+            assert client.recv(100) == b"over udp"
+    finally:
+        assert stop_cli_server(process) == 0
+    assert not path.exists()
+
+
+def test_bad_listener_url_exits_2() -> None:
+    result = subprocess.run(
+        [*cli_command(), "serve", "--listen", "sctp://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("echo-async serve: error: --listen: 'sctp://127.0.0.1:1'")

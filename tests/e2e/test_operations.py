@@ -240,3 +240,17 @@ def test_json_lines_are_valid_json(tmp_path: Path) -> None:
     for line in process.log_path.read_text().splitlines():
         json.loads(line)
     assert any(r["event"] == "connection opened" for r in process.records())
+
+
+def test_a_workers_records_say_which_worker(tmp_path: Path) -> None:
+    os.environ["ECHO_ASYNC_WORKER"] = "3"
+    try:
+        process, port = start_cli_server([], tmp_path)
+    finally:
+        del os.environ["ECHO_ASYNC_WORKER"]
+    try:
+        assert echo(port, b"w") == b"w"
+    finally:
+        assert stop_cli_server(process) == 0
+    records = process.records()
+    assert {record.get("worker") for record in records} == {3}
