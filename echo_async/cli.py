@@ -101,6 +101,11 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _metavar(option: Option) -> str:
+    special = {"udp_rate": "PER_S", "unix_mode": "MODE", "tls_client_ca": "FILE"}
+    if option.name in special:
+        return special[option.name]
+    if option.name.startswith("tls_") and option.kind is str:
+        return "FILE"
     if option.kind is float:
         return "SECONDS"
     if option.kind is int:

@@ -164,7 +164,7 @@ def test_several_listeners_from_the_command_line(tmp_path: Path) -> None:
     )
     try:
         listening = next(r for r in process.records() if r["event"] == "listening")
-        tcp_url, udp_url, unix_url = listening["addresses"]
+        _tcp_url, udp_url, unix_url = listening["addresses"]
         assert unix_url == f"unix://{path}"
         assert echo(port, b"over tcp") == b"over tcp"
         with socket.socket(socket.AF_UNIX) as client:
