@@ -101,7 +101,17 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _metavar(option: Option) -> str:
-    special = {"udp_rate": "PER_S", "unix_mode": "MODE", "tls_client_ca": "FILE"}
+    special = {
+        "udp_rate": "PER_S",
+        "unix_mode": "MODE",
+        "tls_client_ca": "FILE",
+        "fault_delay": "MS",
+        "fault_jitter": "MS",
+        "fault_rate": "BYTES_PER_S",
+        "fault_drop": "P",
+        "greeting": "TEXT",
+        "proxy_trusted": "CIDRS",
+    }
     if option.name in special:
         return special[option.name]
     if option.name.startswith("tls_") and option.kind is str:

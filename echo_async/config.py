@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from echo_async.listeners import Listener, ListenerError, parse_listener
+from echo_async.listeners import Listener, ListenerError, parse_listener, parse_networks
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12000
@@ -25,7 +25,15 @@ LOOP_CHOICES = ("auto", "uvloop", "asyncio")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 64
-_CHOICES = {"loop": LOOP_CHOICES, "log_format": LOG_FORMATS, "log_level": LOG_LEVELS}
+# Set by the supervisor for its workers: the worker's index, 0..N-1 ({worker} in --greeting).
+WORKER_ENVIRONMENT_VARIABLE = "ECHO_ASYNC_WORKER"
+PROXY_PROTOCOL_CHOICES = ("off", "required", "optional")
+_CHOICES = {
+    "loop": LOOP_CHOICES,
+    "log_format": LOG_FORMATS,
+    "log_level": LOG_LEVELS,
+    "proxy_protocol": PROXY_PROTOCOL_CHOICES,
+}
 
 
 class ConfigError(ValueError):
@@ -122,6 +130,61 @@ class ServerConfig:
         default=200, metadata=_option("datagrams a source may send at once above --udp-rate")
     )
 
+    proxy_protocol: str = field(
+        default="off",
+        metadata=_option(
+            "expect a PROXY protocol v1/v2 header from trusted sources: required, optional or off",
+            choices=PROXY_PROTOCOL_CHOICES,
+        ),
+    )
+    proxy_trusted: str = field(
+        default="127.0.0.0/8,::1/128",
+        metadata=_option("CIDRs whose PROXY headers are honoured, comma-separated"),
+    )
+    proxy_header_timeout: float = field(
+        default=5.0, metadata=_option("seconds a connection gets to send its PROXY header")
+    )
+    greeting: str = field(
+        default="",
+        metadata=_option(
+            "send TEXT and a newline when a TCP connection opens, before any echo; "
+            "{hostname} {pid} {port} {worker} are expanded (empty: off, pure RFC 862 echo)"
+        ),
+    )
+    fault_delay: float = field(
+        default=0.0, metadata=_option("fault: hold each echoed chunk this many milliseconds")
+    )
+    fault_jitter: float = field(
+        default=0.0, metadata=_option("fault: add 0..this many random milliseconds to each delay")
+    )
+    fault_chunk: int = field(
+        default=0, metadata=_option("fault: write replies in pieces of at most N bytes")
+    )
+    fault_rate: int = field(
+        default=0, metadata=_option("fault: cap each connection's echo at this many bytes/s")
+    )
+    fault_reset_after: int = field(
+        default=0,
+        metadata=_option("fault: abort a connection with a TCP RST after echoing exactly N bytes"),
+    )
+    fault_drop: float = field(
+        default=0.0, metadata=_option("fault: drop each UDP datagram with this probability")
+    )
+    fault_seed: int = field(
+        default=-1, metadata=_option("fault: seed for the random choices (-1: unseeded)")
+    )
+
+    @property
+    def faults_enabled(self) -> bool:
+        """True when any stream fault is configured (the byte path then leaves its fast lane)."""
+        return bool(
+            self.fault_delay
+            or self.fault_jitter
+            or self.fault_chunk
+            or self.fault_rate
+            or self.fault_reset_after
+        )
+
     def __post_init__(self) -> None:
         _check_str(self, "host", allow_empty=False)
         _check_int(self, "port", 0, 65535)
@@ -147,6 +210,33 @@ class ServerConfig:
             raise ConfigError("--unix-mode", f"{self.unix_mode} is not a mode in 0..0777")
         _check_seconds(self, "udp_rate")
         _check_int(self, "udp_burst", 1, 1 << 20)
+        _check_choice(self, "proxy_protocol")
+        _check_str(self, "proxy_trusted", allow_empty=True)
+        try:
+            parse_networks(self.proxy_trusted)
+        except ValueError as error:
+            raise ConfigError("--proxy-trusted", str(error)) from None
+        _check_seconds(self, "proxy_header_timeout")
+        if not self.proxy_header_timeout:
+            raise ConfigError("--proxy-header-timeout", "must be more than 0")
+        _check_str(self, "greeting", allow_empty=True)
+        if "\n" in self.greeting or "\r" in self.greeting:
+            raise ConfigError("--greeting", "must be one line")
+        try:
+            self.greeting.format(hostname="", pid=0, port=0, worker=0)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ConfigError(
+                "--greeting",
+                f"unknown placeholder {error}; use {{hostname}} {{pid}} {{port}} {{worker}}",
+            ) from None
+        for name in ("fault_delay", "fault_jitter"):
+            _check_seconds(self, name)
+        _check_int(self, "fault_chunk", 0, 1 << 30)
+        _check_int(self, "fault_rate", 0, 1 << 40)
+        _check_int(self, "fault_reset_after", 0, 1 << 62)
+        if not isinstance(self.fault_drop, int | float) or not 0 <= self.fault_drop <= 1:
+            raise ConfigError("--fault-drop", f"{self.fault_drop!r} is not a probability in 0..1")
+        _check_int(self, "fault_seed", -1, (1 << 63) - 1)
         if not isinstance(self.listen, tuple):
             raise ConfigError("--listen", f"expected a list of URLs, got {self.listen!r}")
         for url in self.listen:

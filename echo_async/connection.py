@@ -116,9 +116,13 @@ class EchoConnection(asyncio.Protocol):
         # The --max-bytes budget: echo exactly up to it, then finish.
         allowed = self.max_bytes - (self.bytes_in - len(data))
         if allowed > 0:
-            self.transport.write(data[:allowed])
+            self.echo(data[:allowed])
         self.discarded += len(data) - max(allowed, 0)
         self.finish(REASON_MAX_BYTES, time.monotonic() + FINISH_TIMEOUT_S)
+
+    def echo(self, data: bytes) -> None:
+        """Write echoed bytes (off the fast path; fault injection overrides it)."""
+        self.transport.write(data)
 
     def pause_writing(self) -> None:
         if not self.transport.is_closing():

@@ -92,6 +92,12 @@ class ServerMetrics:
             ["reason"],
             registry=registry,
         )
+        self.faults_injected = Counter(
+            "echo_faults_injected",
+            "Faults injected on purpose (--fault-*): delay, chunk, rate, reset, drop.",
+            ["kind"],
+            registry=registry,
+        )
         self._synced: dict[str, tuple[int, ...]] = {}
 
     def sync(
@@ -116,6 +122,8 @@ class ServerMetrics:
         self._advance(("datagrams_out",), datagrams_out, self.datagrams_sent)
         for reason, count in (datagrams_dropped or {}).items():
             self._advance(("dropped", reason), count, self.datagrams_dropped.labels(reason))
+            if reason == "fault":
+                self._advance(("fault", "drop"), count, self.faults_injected.labels("drop"))
 
     def _advance(self, key: tuple[str, ...], value: int, counter: Any) -> None:
         name = "/".join(key)
@@ -126,6 +134,9 @@ class ServerMetrics:
 
     def rejected(self, reason: str) -> None:
         self.connections_rejected.labels(reason=reason).inc()
+
+    def faults(self, kind: str, count: int) -> None:
+        self.faults_injected.labels(kind=kind).inc(count)
 
     def closed(self, transport: str, duration_s: float) -> None:
         self.connection_duration.labels(transport=transport).observe(duration_s)

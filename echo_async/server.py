@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import socket
 import ssl
 import time
@@ -19,7 +20,7 @@ from typing import Any, cast
 
 import structlog
 
-from echo_async.config import ServerConfig
+from echo_async.config import WORKER_ENVIRONMENT_VARIABLE, ServerConfig
 from echo_async.connection import (
     LINGER_S,
     REASON_LIMIT,
@@ -27,6 +28,7 @@ from echo_async.connection import (
     EchoConnection,
     format_address,
 )
+from echo_async.faults import FaultPlan, FaultyConnection
 from echo_async.limits import Admission, DescriptorWatch, Sweeper, sweep_interval
 from echo_async.listeners import is_loopback
 from echo_async.metrics import SYNC_INTERVAL_S, ServerMetrics, TransportTotals
@@ -76,6 +78,8 @@ class EchoServer:
         self._descriptors = DescriptorWatch()
         self._sweeper = Sweeper(sweep_interval(self.config), self._sweep)
         self._metrics_due = 0.0
+        self._fault_plan = FaultPlan(self.config) if self.config.faults_enabled else None
+        self._greetings: dict[Any, bytes] = {}
         self._opened: dict[str, int] = {}
         self._closed_bytes: dict[str, list[int]] = {}
         self._connections_rejected = 0
@@ -319,7 +323,21 @@ class EchoServer:
         peer = transport.get_extra_info("peername")
         if not self._admit(transport, peer):
             return
-        connection = EchoConnection(self, transport, writer, peer, self.config.max_bytes, kind)
+        connection: EchoConnection
+        if self._fault_plan is None:
+            connection = EchoConnection(self, transport, writer, peer, self.config.max_bytes, kind)
+        else:
+            serial = sum(self._opened.values())
+            connection = FaultyConnection(
+                self,
+                transport,
+                writer,
+                peer,
+                self.config.max_bytes,
+                kind,
+                plan=self._fault_plan,
+                serial=serial,
+            )
         transport.set_protocol(connection)
         self._register(connection)
 
@@ -345,12 +363,27 @@ class EchoServer:
 
     def _register(self, connection: EchoConnection) -> None:
         connection.transport.set_write_buffer_limits(high=self.config.write_buffer_high)
+        if self.config.greeting:
+            connection.transport.write(self._greeting(connection.local))
         self._connections.add(connection)
         self._opened[connection.kind] = self._opened.get(connection.kind, 0) + 1
         self._idle.clear()
         self._log.debug("connection opened", peer=format_address(connection.peer))
         if self._closing:
             connection.finish(REASON_SHUTDOWN, time.monotonic() + LINGER_S)
+
+    def _greeting(self, local: Any) -> bytes:
+        greeting = self._greetings.get(local)
+        if greeting is None:
+            port = local[1] if isinstance(local, tuple) else ""
+            text = self.config.greeting.format(
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                port=port,
+                worker=os.environ.get(WORKER_ENVIRONMENT_VARIABLE, "0"),
+            )
+            greeting = self._greetings[local] = text.encode("utf-8") + b"\n"
+        return greeting
 
     def _handshake_failed(self, error: ssl.SSLError) -> None:
         # Called from inside the loop's TLS layer, which knows no peer address at that point.
@@ -368,6 +401,8 @@ class EchoServer:
         record = connection.record()
         if self.metrics is not None:
             self.metrics.closed(connection.kind, record["duration_s"])
+            for kind, count in record.get("faults_injected", {}).items():
+                self.metrics.faults(kind, count)
         self._log.info("connection closed", **record)
         if not self._connections:
             self._idle.set()

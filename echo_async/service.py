@@ -18,7 +18,15 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from echo_async import __version__, systemd
-from echo_async.config import ConfigError, ServerConfig, ServiceConfig, parse_host_port
+from echo_async.config import (
+    WORKER_ENVIRONMENT_VARIABLE,
+    ConfigError,
+    ServerConfig,
+    ServiceConfig,
+    parse_host_port,
+)
+
+__all__ = ["WORKER_ENVIRONMENT_VARIABLE", "StartupError", "run_service"]
 from echo_async.loops import LoopChoice
 from echo_async.metrics import MetricsEndpoint, ServerMetrics
 from echo_async.server import EchoServer
@@ -27,8 +35,7 @@ EXIT_OK = 0
 EXIT_ABORTED = 128 + signal.SIGINT
 # Set by the supervisor for its workers: where prometheus_client keeps per-process values.
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
-# Set by the supervisor for its workers: the worker's index, 0..N-1.
-WORKER_ENVIRONMENT_VARIABLE = "ECHO_ASYNC_WORKER"
+
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 

@@ -154,7 +154,9 @@ def _clear_stale_socket(listener: Listener) -> None:
 
 async def _open_datagram(listener: Listener, config: ServerConfig, log: Any) -> Site:
     loop = asyncio.get_running_loop()
-    protocol = DatagramEcho(config.udp_rate, config.udp_burst, log)
+    protocol = DatagramEcho(
+        config.udp_rate, config.udp_burst, log, drop=config.fault_drop, seed=config.fault_seed
+    )
     if listener.host == "::":
         sock = _dual_stack_socket(socket.SOCK_DGRAM, listener.port, config.reuse_port)
         await loop.create_datagram_endpoint(lambda: protocol, sock=sock)

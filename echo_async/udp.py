@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import time
 from collections import Counter
@@ -27,13 +28,18 @@ DROP_LOOP_PORT = "loop_port"
 DROP_OWN_ADDRESS = "own_address"
 DROP_RATE = "rate"
 DROP_BACKPRESSURE = "backpressure"
+DROP_FAULT = "fault"  # --fault-drop, on purpose
 
 
 class DatagramEcho(asyncio.DatagramProtocol):
     """Echoes each datagram whole to its sender unless protection says no."""
 
-    def __init__(self, rate: float, burst: int, log: Any) -> None:
+    def __init__(
+        self, rate: float, burst: int, log: Any, drop: float = 0.0, seed: int = -1
+    ) -> None:
         self.rate = rate
+        self.drop = drop
+        self.random = random.Random(seed) if seed >= 0 else random.Random()
         self.burst = float(burst)
         self.log = log
         self.transport: asyncio.DatagramTransport | None = None
@@ -66,6 +72,9 @@ class DatagramEcho(asyncio.DatagramProtocol):
             return
         if self.rate and not self._take_token(host):
             self._drop(DROP_RATE, addr)
+            return
+        if self.drop and self.random.random() < self.drop:
+            self._drop(DROP_FAULT, addr)
             return
         if self.paused or self.transport is None:
             self._drop(DROP_BACKPRESSURE, addr)
