@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from echo_async.listeners import Listener, ListenerError, parse_listener, parse_networks
+from echo_async.listeners import Listener, ListenerError, parse_listener
+from echo_async.proxy_protocol import parse_networks
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12000

@@ -16,6 +16,8 @@ import math
 import time
 from typing import Any, Protocol
 
+from echo_async.proxy_protocol import ParseStatus, ProxyHeaderError, ProxyHeaderParser
+
 # A finishing connection is closed once it has been quiet this long (nginx's lingering close)...
 LINGER_S = 0.5
 # ...and aborted if the client has not let it finish by then (when no shutdown deadline applies).
@@ -31,6 +33,7 @@ REASON_LIMIT = "limit"
 REASON_IDLE_TIMEOUT = "idle_timeout"
 REASON_MAX_LIFETIME = "max_lifetime"
 REASON_MAX_BYTES = "max_bytes"
+REASON_PROXY_HEADER = "proxy_header"
 
 _RESET_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, TimeoutError)
 
@@ -40,6 +43,9 @@ class ConnectionOwner(Protocol):
 
     def connection_closed(self, connection: EchoConnection) -> None:
         """Account for, and log, a connection whose transport is gone."""
+
+    def proxy_rejected(self, connection: EchoConnection, detail: str) -> None:
+        """A connection without a valid PROXY header where one is required."""
 
 
 class EchoConnection(asyncio.Protocol):
@@ -56,6 +62,7 @@ class EchoConnection(asyncio.Protocol):
         "bytes_in",
         "bytes_in_seen",
         "close_reason",
+        "detail",
         "discarded",
         "finish_deadline",
         "kind",
@@ -65,6 +72,9 @@ class EchoConnection(asyncio.Protocol):
         "opened_at",
         "owner",
         "peer",
+        "proxy",
+        "proxy_parser",
+        "proxy_required",
         "transport",
         "unsent",
         "writer",
@@ -96,6 +106,10 @@ class EchoConnection(asyncio.Protocol):
         self.byte_limit: float = max_bytes if max_bytes else math.inf
         self.finish_deadline = math.inf
         self.close_reason: str | None = None
+        self.detail: str | None = None
+        self.proxy: Any = None
+        self.proxy_parser: ProxyHeaderParser | None = None
+        self.proxy_required = False
 
     # -- the byte path -------------------------------------------------------------------------
 
@@ -107,7 +121,16 @@ class EchoConnection(asyncio.Protocol):
             return
         self.transport.write(data)
 
+    def expect_proxy_header(self, required: bool) -> None:
+        """Read a PROXY protocol header first (the slow path until it is parsed)."""
+        self.proxy_parser = ProxyHeaderParser()
+        self.proxy_required = required
+        self.byte_limit = -1
+
     def _over_limit(self, data: bytes) -> None:
+        if self.proxy_parser is not None:
+            self._proxy_data(data)
+            return
         if self.finish_deadline != math.inf:
             # Finishing: our side already sent FIN, so what arrives is read and dropped rather
             # than left unread (closing with unread data would reset the client's stream).
@@ -123,6 +146,54 @@ class EchoConnection(asyncio.Protocol):
     def echo(self, data: bytes) -> None:
         """Write echoed bytes (off the fast path; fault injection overrides it)."""
         self.transport.write(data)
+
+    def _proxy_data(self, data: bytes) -> None:
+        # Header bytes are not payload: they are never echoed nor counted in bytes_in.
+        assert self.proxy_parser is not None
+        self.bytes_in -= len(data)
+        try:
+            result = self.proxy_parser.feed(data)
+        except ProxyHeaderError as error:
+            if self.proxy_required:
+                self.owner.proxy_rejected(self, str(error))
+                return
+            self._end_proxy_parsing(error.data)
+            return
+        if result.status is ParseStatus.NEED_MORE:
+            return
+        if result.header is not None:
+            if not result.header.local and result.header.source is not None:
+                self.proxy = self.peer
+                self.peer = result.header.source
+        elif self.proxy_required:
+            self.owner.proxy_rejected(self, "no PROXY header")
+            return
+        self._end_proxy_parsing(result.rest)
+
+    def proxy_timed_out(self) -> None:
+        """The header did not arrive in time: reject (required) or echo what came (optional)."""
+        if self.proxy_parser is None:
+            return
+        if self.proxy_required:
+            self.owner.proxy_rejected(self, "no PROXY header in time")
+            return
+        self._end_proxy_parsing(self.proxy_parser.abandon())
+
+    def _end_proxy_parsing(self, payload: bytes) -> None:
+        self.proxy_parser = None
+        if self.finish_deadline == math.inf:
+            self.byte_limit = self.max_bytes if self.max_bytes else math.inf
+        if payload:
+            self.data_received(payload)
+
+    def reject(self, reason: str, detail: str) -> None:
+        """Close without echoing anything more."""
+        self.close_reason = reason
+        self.detail = detail
+        self.proxy_parser = None
+        self.byte_limit = -1
+        self.finish_deadline = 0.0  # discard whatever still arrives
+        self.transport.close()
 
     def pause_writing(self) -> None:
         if not self.transport.is_closing():
@@ -206,7 +277,7 @@ class EchoConnection(asyncio.Protocol):
 
     def record(self) -> dict[str, Any]:
         """The fields of this connection's close record (never the payload)."""
-        return {
+        record = {
             "peer": format_address(self.peer),
             "local": format_address(self.local),
             "bytes_in": self.bytes_in,
@@ -214,6 +285,11 @@ class EchoConnection(asyncio.Protocol):
             "duration_s": round(time.monotonic() - self.opened_at, 6),
             "reason": self.close_reason,
         }
+        if self.proxy is not None:
+            record["proxy"] = format_address(self.proxy)
+        if self.detail is not None:
+            record["detail"] = self.detail
+        return record
 
 
 def format_address(address: Any) -> str:

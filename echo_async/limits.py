@@ -54,6 +54,8 @@ class Admission:
 def sweep_interval(config: ServerConfig) -> float:
     """A quarter of the shortest timer, clamped to [0.05, 1] seconds."""
     timers = [t for t in (config.idle_timeout, config.max_lifetime) if t > 0]
+    if config.proxy_protocol != "off":
+        timers.append(config.proxy_header_timeout)
     interval = min(timers) / 4 if timers else SWEEP_MAX_INTERVAL_S
     return max(SWEEP_MIN_INTERVAL_S, min(SWEEP_MAX_INTERVAL_S, interval))
 

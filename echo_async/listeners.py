@@ -88,30 +88,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(text: str) -> tuple[Network, ...]:
-    """`127.0.0.0/8,::1/128` -> networks; ValueError with a one-line message otherwise."""
-    networks = []
-    for part in text.replace(" ", ",").split(","):
-        if not part:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(part, strict=False))
-        except ValueError:
-            raise ValueError(f"{part!r} is not a network like 10.0.0.0/8 or ::1/128") from None
-    return tuple(networks)
-
-
-def in_networks(host: str, networks: tuple[Network, ...]) -> bool:
-    """True if `host` (IPv4-mapped IPv6 counts as IPv4) is inside one of `networks`."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)

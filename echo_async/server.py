@@ -24,6 +24,7 @@ from echo_async.config import WORKER_ENVIRONMENT_VARIABLE, ServerConfig
 from echo_async.connection import (
     LINGER_S,
     REASON_LIMIT,
+    REASON_PROXY_HEADER,
     REASON_SHUTDOWN,
     EchoConnection,
     format_address,
@@ -32,6 +33,7 @@ from echo_async.faults import FaultPlan, FaultyConnection
 from echo_async.limits import Admission, DescriptorWatch, Sweeper, sweep_interval
 from echo_async.listeners import is_loopback
 from echo_async.metrics import SYNC_INTERVAL_S, ServerMetrics, TransportTotals
+from echo_async.proxy_protocol import is_trusted, parse_networks
 from echo_async.sites import Site, open_site
 
 LOGGER_NAME = "echo_async"
@@ -80,6 +82,11 @@ class EchoServer:
         self._metrics_due = 0.0
         self._fault_plan = FaultPlan(self.config) if self.config.faults_enabled else None
         self._greetings: dict[Any, bytes] = {}
+        self._proxy_networks = (
+            parse_networks(self.config.proxy_trusted)
+            if self.config.proxy_protocol != "off"
+            else None
+        )
         self._opened: dict[str, int] = {}
         self._closed_bytes: dict[str, list[int]] = {}
         self._connections_rejected = 0
@@ -339,6 +346,14 @@ class EchoServer:
                 serial=serial,
             )
         transport.set_protocol(connection)
+        if self._proxy_networks is not None and kind != "unix":
+            trusted = is_trusted(_host_of(peer), self._proxy_networks)
+            if trusted:
+                connection.expect_proxy_header(self.config.proxy_protocol == "required")
+            elif self.config.proxy_protocol == "required":
+                self._register(connection)
+                self.proxy_rejected(connection, "PROXY header from an untrusted source")
+                return
         self._register(connection)
 
     def _admit(self, transport: asyncio.Transport, peer: Any) -> bool:
@@ -371,6 +386,12 @@ class EchoServer:
         self._log.debug("connection opened", peer=format_address(connection.peer))
         if self._closing:
             connection.finish(REASON_SHUTDOWN, time.monotonic() + LINGER_S)
+
+    def proxy_rejected(self, connection: EchoConnection, detail: str) -> None:
+        self._connections_rejected += 1
+        if self.metrics is not None:
+            self.metrics.rejected(REASON_PROXY_HEADER)
+        connection.reject(REASON_PROXY_HEADER, detail)
 
     def _greeting(self, local: Any) -> bytes:
         greeting = self._greetings.get(local)
@@ -410,7 +431,10 @@ class EchoServer:
     def _sweep(self) -> None:
         now = time.monotonic()
         config = self.config
+        proxy_deadline = now - config.proxy_header_timeout
         for connection in list(self._connections):
+            if connection.proxy_parser is not None and connection.opened_at <= proxy_deadline:
+                connection.proxy_timed_out()
             connection.sweep(now, config.idle_timeout, config.max_lifetime)
         change = self._descriptors.check()
         if change == "exhausted":
