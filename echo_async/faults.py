@@ -152,7 +152,7 @@ class FaultyConnection(EchoConnection):
             self.discarded += len(piece)
             return
         self.transport.write(piece)
-        if self.pending_bytes <= self.plan.high_water // 2 and self.writer is not None:
+        if self.pending_bytes <= self.plan.high_water // 2 and not self.lost:
             with contextlib.suppress(RuntimeError):
                 self.transport.resume_reading()
 

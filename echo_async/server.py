@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import socket
 import ssl
@@ -97,6 +98,7 @@ class EchoServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._log: Any = structlog.get_logger(LOGGER_NAME)
+        self._log_opens = True
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -111,6 +113,10 @@ class EchoServer:
         self._started = True
         # Bound here, not at import, so the host's logging configuration applies.
         self._log = structlog.get_logger(LOGGER_NAME).bind()
+        enabled = getattr(self._log, "is_enabled_for", None)
+        # Per connection, the open record's formatting costs as much as the record: skip both
+        # when debug records are filtered out anyway.
+        self._log_opens = enabled(logging.DEBUG) if callable(enabled) else True
         config = self.config
         listeners = config.listeners
         if any(listener.scheme == "tls" for listener in listeners):
@@ -351,7 +357,7 @@ class EchoServer:
             if trusted:
                 connection.expect_proxy_header(self.config.proxy_protocol == "required")
             elif self.config.proxy_protocol == "required":
-                self._register(connection)
+                self._register(connection, greet=False)
                 self.proxy_rejected(connection, "PROXY header from an untrusted source")
                 return
         self._register(connection)
@@ -376,14 +382,15 @@ class EchoServer:
         )
         return False
 
-    def _register(self, connection: EchoConnection) -> None:
+    def _register(self, connection: EchoConnection, greet: bool = True) -> None:
         connection.transport.set_write_buffer_limits(high=self.config.write_buffer_high)
-        if self.config.greeting:
+        if greet and self.config.greeting:
             connection.transport.write(self._greeting(connection.local))
         self._connections.add(connection)
         self._opened[connection.kind] = self._opened.get(connection.kind, 0) + 1
         self._idle.clear()
-        self._log.debug("connection opened", peer=format_address(connection.peer))
+        if self._log_opens:
+            self._log.debug("connection opened", peer=format_address(connection.peer))
         if self._closing:
             connection.finish(REASON_SHUTDOWN, time.monotonic() + LINGER_S)
 

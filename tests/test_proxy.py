@@ -145,3 +145,11 @@ async def test_greeting_and_proxy_together(logs: list[dict[str, Any]]) -> None:
         writer.write(b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 12000\r\nping")
         assert await reader.readexactly(4) == b"ping"
         writer.close()
+
+
+async def test_rejected_untrusted_connections_get_no_greeting() -> None:
+    untrusted = config("required", proxy_trusted="10.0.0.0/8", greeting="hello-{port}")
+    async with EchoServer(untrusted) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()

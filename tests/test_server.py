@@ -179,3 +179,30 @@ async def test_busy_port_raises_oserror_and_leaves_nothing_listening(server: Ech
     with pytest.raises(OSError, match="address already in use"):
         await other.start()
     assert other.addresses == []
+
+
+async def test_handlers_streams_are_freed_without_closing_the_connection() -> None:
+    import gc
+    import weakref
+
+    from echo_async.connection import EchoConnection
+
+    writers: list[weakref.ref[Any]] = []
+    original = EchoConnection.__init__
+
+    def spy(self: EchoConnection, owner: Any, transport: Any, writer: Any, *rest: Any) -> None:
+        writers.append(weakref.ref(writer))
+        original(self, owner, transport, writer, *rest)
+
+    EchoConnection.__init__ = spy  # type: ignore[method-assign]
+    try:
+        async with EchoServer(ServerConfig(host="127.0.0.1", port=0)) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            await wait_for(lambda: len(writers) == 1)
+            gc.collect()
+            assert writers[0]() is None  # the StreamWriter (and its reader) are gone...
+            writer.write(b"still open")  # ...and the connection lives on
+            assert await reader.readexactly(10) == b"still open"
+            writer.close()
+    finally:
+        EchoConnection.__init__ = original  # type: ignore[method-assign]

@@ -61,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-ca", metavar="FILE", help="verify the server certificate (and --host) against FILE"
     )
     target.add_argument("--udp", action="store_true", help="UDP datagrams (pingpong only)")
+    target.add_argument(
+        "--greeting",
+        action="store_true",
+        help="the server sends one line when a connection opens (echo-async serve --greeting): "
+        "read it first on every connection and report connections per distinct line, to see "
+        "how a load balancer spreads them. A line that is missing, longer than 1024 bytes or "
+        "not complete within --timeout is an error",
+    )
 
     load = parser.add_argument_group("load")
     load.add_argument(
@@ -166,6 +174,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         tls=args.tls,
         tls_ca=args.tls_ca,
         udp=args.udp,
+        greeting=args.greeting,
         rate=args.rate,
         connect_rate=args.connect_rate,
         pipeline=args.pipeline,

@@ -25,7 +25,8 @@ class BenchConfig:
 
     ``connections``, ``requests``, ``rate`` and ``connect_rate`` are totals over all processes;
     :meth:`share` cuts them into one process's part. ``connection_offset`` is the index of this
-    share's first connection (it picks the pattern position of each connection).
+    share's first connection (it picks the pattern position of each connection). ``greeting``:
+    every connection first reads the server's one-line greeting and counts it per backend.
     """
 
     mode: Mode
@@ -39,6 +40,7 @@ class BenchConfig:
     tls: bool = False
     tls_ca: str | None = None
     udp: bool = False
+    greeting: bool = False
     rate: float | None = None
     connect_rate: float | None = None
     pipeline: int | None = None
@@ -70,6 +72,8 @@ class BenchConfig:
             raise BenchConfigError("--udp and --unix cannot be combined")
         if self.udp and self.tls:
             raise BenchConfigError("--udp and --tls cannot be combined")
+        if self.udp and self.greeting:
+            raise BenchConfigError("--udp and --greeting cannot be combined")
         if self.tls_ca is not None and not self.tls:
             raise BenchConfigError("--tls-ca needs --tls")
         if self.udp and self.mode != "pingpong":

@@ -18,9 +18,11 @@ class Counters:
     ``budget`` is how many more messages may be sent (``--requests``), ``target`` how many round
     trips end the run; both are effectively infinite for ``--duration`` runs, so the hot path
     needs no branch on the run kind. ``finished`` is set when the run should end early.
+    ``backends`` counts connections per greeting line; it stays empty without ``--greeting``.
     """
 
     __slots__ = (
+        "backends",
         "budget",
         "connections_made",
         "connections_open",
@@ -48,6 +50,7 @@ class Counters:
         self.latency = Histogram()
         self.error_kinds: dict[str, int] = {}
         self.first_mismatch: str | None = None
+        self.backends: dict[str, int] = {}  # greeting line -> connections (--greeting)
         self.finished = asyncio.Event()
         self.stopping = False
 

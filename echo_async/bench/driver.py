@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from time import perf_counter, perf_counter_ns
-from typing import Any
+from typing import Any, cast
 
 from echo_async.bench.clients import Client, PingPongClient, PipelineClient, SingleEchoClient
 from echo_async.bench.config import BenchConfig
 from echo_async.bench.counters import Counters, describe
 from echo_async.bench.datagram import DatagramClient
+from echo_async.bench.greeting import GreetingError, GreetingReader
 
 TICK_S = 0.25
 CONNECT_CONCURRENCY = 512  # connects in progress at once: a SYN flood helps no one
@@ -27,6 +28,11 @@ RETRY_DELAY_S = 0.1
 CLOSE_WAIT_S = 2.0
 
 AnyClient = Client | DatagramClient
+
+
+def _greeting_reader(build: Callable[[], asyncio.BaseProtocol]) -> GreetingReader:
+    # --greeting and --udp exclude each other, so ``build`` makes a stream client.
+    return GreetingReader(cast(Client, build()))
 
 
 @dataclass(slots=True)
@@ -58,11 +64,12 @@ class Sample:
 
 @dataclass(slots=True)
 class ShareSummary:
-    """How one process's run ended."""
+    """How one process's run ended; ``backends`` counts connections per greeting line."""
 
     elapsed_s: float
     error_kinds: dict[str, int]
     first_mismatch: str | None
+    backends: dict[str, int] = field(default_factory=dict)
 
 
 class Driver:
@@ -116,6 +123,7 @@ class Driver:
             elapsed_s=elapsed,
             error_kinds=dict(self.counters.error_kinds),
             first_mismatch=self.counters.first_mismatch,
+            backends=dict(self.counters.backends),
         )
 
     async def _watch_stop(self, stop: asyncio.Event) -> None:
@@ -197,23 +205,25 @@ class Driver:
         return self.counters.stopping or self.counters.errors > self.config.max_errors
 
     async def _open(self, build: Callable[[int], AnyClient]) -> AnyClient | None:
-        """Connect one client made by ``build(perf_counter_ns() when the connect began)``;
-        on failure count the error and return None.
+        """Connect one client made by ``build(perf_counter_ns() when the connect began)``,
+        after reading the greeting with --greeting; on failure count the error and return None.
         """
         config = self.config
         loop = asyncio.get_running_loop()
         assert self.gate is not None
         try:
             async with self.gate, asyncio.timeout(config.timeout):
-                factory = partial(build, perf_counter_ns())
-                client: AnyClient
+                factory: Callable[[], asyncio.BaseProtocol] = partial(build, perf_counter_ns())
+                if config.greeting:
+                    factory = partial(_greeting_reader, factory)
+                protocol: asyncio.BaseProtocol
                 if config.udp:
                     assert config.port is not None
-                    _, client = await loop.create_datagram_endpoint(
+                    _, protocol = await loop.create_datagram_endpoint(
                         factory, remote_addr=(config.host, config.port)
                     )
                 elif config.unix_path is not None:
-                    _, client = await loop.create_unix_connection(
+                    _, protocol = await loop.create_unix_connection(
                         factory,
                         config.unix_path,
                         ssl=self.ssl_context,
@@ -221,7 +231,7 @@ class Driver:
                     )
                 else:
                     assert config.port is not None
-                    _, client = await loop.create_connection(
+                    _, protocol = await loop.create_connection(
                         factory,
                         config.host,
                         config.port,
@@ -232,9 +242,39 @@ class Driver:
             if not self.counters.stopping:
                 self.counters.error(f"connect: {describe(exc)}")
             return None
+        client: AnyClient | None
+        if isinstance(protocol, GreetingReader):
+            client = await self._greeted(protocol)
+            if client is None:
+                return None
+        else:
+            client = cast(AnyClient, protocol)
         self.clients.add(client)
         client.closed.add_done_callback(lambda _: self.clients.discard(client))
         return client
+
+    async def _greeted(self, reader: GreetingReader) -> Client | None:
+        """The client ``reader`` hands its connection to, once the greeting is read within
+        --timeout; else count the error, abort the connection and return None.
+        """
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                await reader.greeted
+        except GreetingError as exc:
+            problem = str(exc)
+        except TimeoutError:
+            if reader.handed_over:  # the line came just as the timeout expired
+                return reader.client
+            problem = f"no line within {self.config.timeout:g}s"
+        except asyncio.CancelledError:
+            reader.transport.abort()
+            raise
+        else:
+            return reader.client
+        reader.transport.abort()
+        if not self.counters.stopping:
+            self.counters.error(f"greeting: {problem}")
+        return None
 
     def _interval_ns(self) -> int:
         rate = self.config.rate

@@ -9,6 +9,7 @@ from types import TracebackType
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from echo_async.bench.result import BenchResult, Progress
@@ -102,11 +103,24 @@ def summary_table(result: BenchResult) -> Table:
     rows.append(("mismatched bytes", str(result.mismatched_bytes)))
     if result.first_mismatch:
         rows.append(("", f"first: {result.first_mismatch}"))
+    if result.backends is not None:
+        rows.extend(_backend_rows(result.backends))
     for label, value in rows:
         table.add_row(label, value)
     verdict = "[green]ok[/green]" if result.ok else "[red]FAILED[/red]"
     table.add_row("result", verdict)
     return table
+
+
+def _backend_rows(backends: dict[str, int]) -> list[tuple[str, str]]:
+    """--greeting: connections per greeting line, most first, with each one's share."""
+    total = sum(backends.values())
+    rows = [("backends", f"{len(backends)} ({total:,} connections)" if backends else "none")]
+    for line, count in sorted(backends.items(), key=lambda item: (-item[1], item[0])):
+        # A greeting is whatever the server sent: never let it be read as rich markup.
+        name = escape(line) if line else "(empty line)"
+        rows.append(("", f"{name}: {count:,} ({count / total:.1%})"))
+    return rows
 
 
 def write_json(path: Path, result: BenchResult) -> None:

@@ -49,6 +49,8 @@ class BenchResult:
     intervals: list[Interval]
     error_kinds: dict[str, int]
     first_mismatch: str | None
+    backends: dict[str, int] | None = None
+    """Connections per greeting line, most first (``--greeting`` only; else None)."""
 
     @property
     def round_trips_per_s(self) -> float:
@@ -79,6 +81,10 @@ class BenchResult:
         if self.errors > self.max_errors:
             kinds = ", ".join(f"{kind} x{count}" for kind, count in self.error_kinds.items())
             found.append(f"{self.errors} errors, more than --max-errors {self.max_errors}: {kinds}")
+        if self.backends == {}:
+            # Without this a server that sends no greeting passes any run no longer than
+            # --timeout: every connection is still waiting for its line when the run ends.
+            found.append("--greeting: no connection received a greeting line")
         if self.mode == "hold" and self.round_trips < self.connections:
             found.append(
                 f"hold: only {self.round_trips} of {self.connections} connections "
@@ -91,8 +97,8 @@ class BenchResult:
         return not self.problems()
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--json`` object: exactly the documented keys."""
-        return {
+        """The ``--json`` object: exactly the documented keys; ``backends`` only with --greeting."""
+        document: dict[str, Any] = {
             "mode": self.mode,
             "connections": self.connections,
             "size": self.size,
@@ -106,6 +112,9 @@ class BenchResult:
             "mismatched_bytes": self.mismatched_bytes,
             "target": self.target,
         }
+        if self.backends is not None:
+            document["backends"] = self.backends
+        return document
 
 
 @dataclass(slots=True)
@@ -184,6 +193,7 @@ class Aggregate:
             for kind, count in summary.error_kinds.items():
                 error_kinds[kind] = error_kinds.get(kind, 0) + count
         mismatches = [summary.first_mismatch for summary in summaries if summary.first_mismatch]
+        backends = merge_backends([summary.backends for summary in summaries])
         config = self.config
         return BenchResult(
             mode=config.mode,
@@ -201,4 +211,16 @@ class Aggregate:
             intervals=[self.intervals[tick] for tick in sorted(self.intervals)],
             error_kinds=error_kinds,
             first_mismatch=mismatches[0] if mismatches else None,
+            backends=backends if config.greeting else None,
         )
+
+
+def merge_backends(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Add per-process connection counts per greeting line; most connections first, then by
+    line, so equal inputs give identical output whatever the process order.
+    """
+    total: dict[str, int] = {}
+    for process in counts:
+        for line, count in process.items():
+            total[line] = total.get(line, 0) + count
+    return dict(sorted(total.items(), key=lambda item: (-item[1], item[0])))
