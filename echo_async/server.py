@@ -413,12 +413,12 @@ class EchoServer:
             greeting = self._greetings[local] = text.encode("utf-8") + b"\n"
         return greeting
 
-    def _handshake_failed(self, error: ssl.SSLError) -> None:
+    def _handshake_failed(self, detail: str) -> None:
         # Called from inside the loop's TLS layer, which knows no peer address at that point.
         self._connections_rejected += 1
         if self.metrics is not None:
             self.metrics.rejected(REASON_TLS_HANDSHAKE)
-        self._log.info("tls handshake failed", reason=REASON_TLS_HANDSHAKE, error=_describe(error))
+        self._log.info("tls handshake failed", reason=REASON_TLS_HANDSHAKE, error=detail)
 
     def connection_closed(self, connection: EchoConnection) -> None:
         self._connections.discard(connection)
@@ -482,11 +482,3 @@ def _host_of(peer: Any) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return ""
-
-
-def _describe(error: BaseException) -> str:
-    """One short line for a handshake failure: no traceback, never payload."""
-    if isinstance(error, ssl.SSLError) and error.reason:
-        return error.reason.lower()
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

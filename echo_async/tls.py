@@ -6,32 +6,53 @@ context is built before anything is bound, so a bad certificate starts nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Callable
 
 from echo_async.config import ConfigError, ServerConfig
 
-HandshakeObserver = Callable[[ssl.SSLError], None]
+HandshakeObserver = Callable[[str], None]
+INCOMPLETE_HANDSHAKE = "handshake not completed (timed out, or the client went away)"
 
 
 class ObservedSSLObject(ssl.SSLObject):
     """An SSLObject that reports failed handshakes to its context's observer.
 
     The event loop runs the handshake (start_server(ssl=...)) and, on failure, only logs at
-    debug level; this hook is how a plaintext client or a refused TLS version becomes a logged,
-    counted event. Set through the documented `SSLContext.sslobject_class`.
+    debug level; this hook is how a plaintext client, a refused TLS version, a handshake timeout
+    or a client gone mid-handshake becomes a logged, counted event. Set through the documented
+    `SSLContext.sslobject_class`. A handshake that started and neither finished nor failed is
+    reported when the object is freed: that is how timeouts show up.
     """
 
+    handshake_state = "new"  # new -> started -> done | reported
+
     def do_handshake(self) -> None:
+        if self.handshake_state == "new":
+            self.handshake_state = "started"
         try:
             super().do_handshake()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
         except ssl.SSLError as error:
-            observer = getattr(self.context, "handshake_observer", None)
-            if observer is not None:
-                observer(error)
+            self._report(_reason(error))
             raise
+        self.handshake_state = "done"
+
+    def _report(self, detail: str) -> None:
+        if self.handshake_state in ("done", "reported"):
+            return
+        self.handshake_state = "reported"
+        observer = getattr(self.context, "handshake_observer", None)
+        if observer is not None:
+            observer(detail)
+
+    def __del__(self) -> None:
+        if self.handshake_state == "started":
+            # Freed at any time, even at interpreter exit: a report must never raise here.
+            with contextlib.suppress(Exception):
+                self._report(INCOMPLETE_HANDSHAKE)
 
 
 class ServerContext(ssl.SSLContext):

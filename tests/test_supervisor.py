@@ -27,7 +27,14 @@ from echo_async.supervisor import (
     reserve_port,
     worker_environment,
 )
-from tests.e2e.helpers import CliServer, cli_command, start_cli_server, stop_cli_server, wait_until
+from tests.e2e.helpers import (
+    CliServer,
+    cli_command,
+    echo,
+    start_cli_server,
+    stop_cli_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="--workers needs Linux")
 
@@ -115,16 +122,6 @@ def connect_and_echo(port: int, count: int) -> list[socket.socket]:
         client.sendall(b"x")
         assert client.recv(1) == b"x"
     return clients
-
-
-def echo(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-        client.sendall(payload)
-        client.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def connections_by_worker(pids: list[int], port: int) -> dict[int, int]:

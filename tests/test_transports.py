@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import ssl
@@ -281,7 +282,9 @@ async def test_plaintext_on_the_tls_port_is_closed_and_others_are_served(
     assert not loop_errors
 
 
-async def test_tls_handshake_timeout_closes_silent_clients(tls_files: dict[str, str]) -> None:
+async def test_tls_handshake_timeout_closes_silent_clients(
+    tls_files: dict[str, str], logs: list[dict[str, Any]]
+) -> None:
     async with EchoServer(tls_config(tls_files, tls_handshake_timeout=0.3)) as server:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -292,6 +295,14 @@ async def test_tls_handshake_timeout_closes_silent_clients(tls_files: dict[str, 
             assert await asyncio.wait_for(reader.read(), 5) == b""
         assert loop.time() - started < 4
         writer.close()
+
+        def reported() -> bool:
+            gc.collect()  # the timed-out handshake is reported when its TLS object is freed
+            return len(handshake_failures(logs)) == 1
+
+        await wait_for(reported)
+    (failure,) = handshake_failures(logs)
+    assert failure["error"].startswith("handshake not completed")
 
 
 async def test_mutual_tls_requires_a_client_certificate(

@@ -14,22 +14,13 @@ import pytest
 
 from tests.e2e.helpers import (
     cli_command,
+    echo,
     start_cli_server,
     stop_cli_server,
     wait_until,
 )
 
 CLOSE_FIELDS = {"peer", "local", "bytes_in", "bytes_out", "duration_s", "reason"}
-
-
-def echo(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-        client.sendall(payload)
-        client.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def test_serves_logs_json_records_and_exits_zero_on_sigterm_with_clients(tmp_path: Path) -> None:

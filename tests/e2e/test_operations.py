@@ -16,6 +16,7 @@ import pytest
 
 from tests.e2e.helpers import (
     cli_command,
+    echo,
     read_records,
     start_cli_server,
     stop_cli_server,
@@ -27,16 +28,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def echo(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-        client.sendall(payload)
-        client.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def test_print_config_merges_flags_environment_and_file(tmp_path: Path) -> None:
