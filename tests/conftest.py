@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import pytest
 import structlog
+from hypothesis import settings
 from structlog.testing import capture_logs
 
 from echo_async import EchoServer, ServerConfig
 
 LoopFactory = Any
+
+# The same examples on every run (CI included): a property test that fails, fails again.
+# HYPOTHESIS_PROFILE=explore runs fresh random examples instead.
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
