@@ -249,6 +249,12 @@ class ServerConfig:
                 raise ConfigError("--listen", str(error)) from None
             if listener.scheme == "tls" and not (self.tls_cert and self.tls_key):
                 raise ConfigError("--listen", f"{url} needs --tls-cert and --tls-key")
+            if listener.scheme == "tls" and self.proxy_protocol != "off":
+                # The PROXY header precedes the TLS ClientHello, but the loop's TLS layer
+                # reads first: the two can't be combined on one listener.
+                raise ConfigError(
+                    "--proxy-protocol", f"not supported on TLS listeners ({url}); use tcp://"
+                )
 
     @property
     def listeners(self) -> tuple[Listener, ...]:

@@ -58,6 +58,8 @@ class EchoConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "admitted_host",
+        "buffered_seen",
         "byte_limit",
         "bytes_in",
         "bytes_in_seen",
@@ -79,6 +81,7 @@ class EchoConnection(asyncio.Protocol):
         "transport",
         "unsent",
         "writer",
+        "writing_paused",
     )
 
     def __init__(
@@ -97,6 +100,10 @@ class EchoConnection(asyncio.Protocol):
         # it is open; release_stream_writer() makes it safe to drop (then None is kept here).
         self.writer = release_stream_writer(writer) if writer is not None else None
         self.lost = False
+        self.writing_paused = False
+        self.buffered_seen = 0
+        # The address the admission limits counted (the PROXY header may change `peer` later).
+        self.admitted_host = ""
         self.peer = peer
         self.local: Any = transport.get_extra_info("sockname")
         self.opened_at = self.last_active = time.monotonic()
@@ -194,18 +201,27 @@ class EchoConnection(asyncio.Protocol):
         self.detail = detail
         self.proxy_parser = None
         self.byte_limit = -1
-        self.finish_deadline = 0.0  # discard whatever still arrives
+        # Discard whatever still arrives; the sweep aborts it only if it won't close by then.
+        self.finish_deadline = time.monotonic() + FINISH_TIMEOUT_S
         self.transport.close()
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
+        if self.proxy_parser is not None:
+            if self.proxy_required:
+                self.owner.proxy_rejected(self, "EOF before a PROXY header")
+                return False
+            # Optional mode: what looked like the start of a header is payload after all.
+            self._end_proxy_parsing(self.proxy_parser.abandon())
         if self.close_reason is None:
             self.close_reason = REASON_EOF
         # False: the transport closes itself once everything queued has been written.
@@ -246,8 +262,11 @@ class EchoConnection(asyncio.Protocol):
 
     def sweep(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
         """Called by the server's sweep: note activity, enforce timers, end lingering finishes."""
-        if self.bytes_in != self.bytes_in_seen:
+        buffered = self.transport.get_write_buffer_size()
+        if self.bytes_in != self.bytes_in_seen or buffered != self.buffered_seen:
+            # Bytes came in, or our queue to the client moved: a slow reader is not idle.
             self.bytes_in_seen = self.bytes_in
+            self.buffered_seen = buffered
             self.last_active = now
         if self.finish_deadline != math.inf:
             if now >= self.finish_deadline:
@@ -268,14 +287,19 @@ class EchoConnection(asyncio.Protocol):
         if self.lost:
             return
         self.close_reason = reason
-        self.unsent = self.transport.get_write_buffer_size()
+        # A second abort before connection_lost sees an emptied buffer: keep the first count.
+        self.unsent = max(self.unsent, self.transport.get_write_buffer_size())
         self.transport.abort()
 
     # -- accounting ----------------------------------------------------------------------------
 
     @property
     def bytes_out(self) -> int:
-        """Bytes echoed back to the client (handed to the kernel, or queued while still open)."""
+        """Bytes echoed back: handed to the kernel, or queued for it while the connection is open.
+
+        On a reset by the client, bytes still queued in the process at that moment are included
+        (the loop discards its buffer before telling us), so this is an upper bound then.
+        """
         return self.bytes_in - self.discarded - self.unsent
 
     def record(self) -> dict[str, Any]:

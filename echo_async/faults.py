@@ -152,7 +152,11 @@ class FaultyConnection(EchoConnection):
             self.discarded += len(piece)
             return
         self.transport.write(piece)
-        if self.pending_bytes <= self.plan.high_water // 2 and not self.lost:
+        if (
+            self.pending_bytes <= self.plan.high_water // 2
+            and not self.writing_paused
+            and not self.lost
+        ):
             with contextlib.suppress(RuntimeError):
                 self.transport.resume_reading()
 
@@ -174,6 +178,13 @@ class FaultyConnection(EchoConnection):
     def resume_writing(self) -> None:
         if self.pending_bytes <= self.plan.high_water // 2:
             super().resume_writing()
+        else:
+            self.writing_paused = False  # the transport drained; our own queue still holds
+
+    @property
+    def bytes_out(self) -> int:
+        """Held pieces are not sent yet."""
+        return super().bytes_out - self.pending_bytes
 
     def _reset_when_sent(self, started: float) -> None:
         # "After exactly N bytes have been echoed": wait until the peer has them all (nothing

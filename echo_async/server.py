@@ -323,8 +323,9 @@ class EchoServer:
 
     def _first_address(self) -> Any:
         for site in self._sites:
-            if site.bound:
-                return site.bound[0]
+            for address in site.bound:
+                if isinstance(address, tuple):
+                    return address
         raise RuntimeError("EchoServer is not started or has no IP listener")
 
     # -- connections ---------------------------------------------------------------------------
@@ -333,6 +334,10 @@ class EchoServer:
         # A plain function, not a coroutine: start_server then creates no Task per connection.
         # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
         transport = cast(asyncio.Transport, writer.transport)
+        if self._closing:
+            # Accepted by the kernel before close() stopped the listener: not served.
+            transport.close()
+            return
         peer = transport.get_extra_info("peername")
         if not self._admit(transport, peer):
             return
@@ -351,6 +356,7 @@ class EchoServer:
                 plan=self._fault_plan,
                 serial=serial,
             )
+        connection.admitted_host = _host_of(peer)
         transport.set_protocol(connection)
         if self._proxy_networks is not None and kind != "unix":
             trusted = is_trusted(_host_of(peer), self._proxy_networks)
@@ -391,8 +397,6 @@ class EchoServer:
         self._idle.clear()
         if self._log_opens:
             self._log.debug("connection opened", peer=format_address(connection.peer))
-        if self._closing:
-            connection.finish(REASON_SHUTDOWN, time.monotonic() + LINGER_S)
 
     def proxy_rejected(self, connection: EchoConnection, detail: str) -> None:
         self._connections_rejected += 1
@@ -422,7 +426,7 @@ class EchoServer:
 
     def connection_closed(self, connection: EchoConnection) -> None:
         self._connections.discard(connection)
-        self._admission.release(_host_of(connection.peer))
+        self._admission.release(connection.admitted_host)
         closed = self._closed_bytes.setdefault(connection.kind, [0, 0])
         closed[0] += connection.bytes_in
         closed[1] += connection.bytes_out

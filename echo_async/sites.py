@@ -1,9 +1,8 @@
 """Sites: one open listener each (TCP, TLS, Unix or UDP), started and closed by EchoServer.
 
 A site is a value the server holds, not a branch inside it: `open_site()` binds a Listener and
-returns a Site that knows its bound addresses and how to close. TLS sites accept plain TCP; the
-server runs the handshake itself (see `EchoServer._accept_tls`) so that failures are logged and
-counted.
+returns a Site that knows its bound addresses and how to close. For TLS sites the loop runs the
+handshake; failures are reported through the context's observer (see `tls.py`).
 """
 
 from __future__ import annotations

@@ -148,5 +148,6 @@ def _toml_value(value: Any) -> str:
         return repr(value) if math.isfinite(value) else "inf"
     if isinstance(value, int):
         return str(value)
-    # JSON string escapes are valid TOML basic-string escapes.
-    return json.dumps(value)
+    # JSON string escapes are valid TOML basic-string escapes once non-ASCII text stays as it
+    # is (TOML rejects JSON's surrogate pairs) and DEL, which TOML forbids raw, is escaped.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")

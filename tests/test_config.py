@@ -53,3 +53,10 @@ def test_every_option_has_a_flag_and_a_variable() -> None:
     port = OPTIONS_BY_NAME["port"]
     assert (port.flag, port.environment_variable) == ("--port", "ECHO_ASYNC_PORT")
     assert option_flag("shutdown_timeout") == "--shutdown-timeout"
+
+
+def test_proxy_protocol_is_refused_on_tls_listeners() -> None:
+    with pytest.raises(ConfigError, match="--proxy-protocol: not supported on TLS listeners"):
+        ServerConfig(
+            listen=("tls://127.0.0.1:0",), tls_cert="c", tls_key="k", proxy_protocol="required"
+        )

@@ -107,15 +107,16 @@ async def test_reset_after_exactly_n_bytes(logs: list[dict[str, Any]]) -> None:
     assert metrics.registry.get_sample_value("echo_faults_injected_total", {"kind": "reset"}) == 1
 
 
-async def udp_answers(port: int, count: int) -> list[int]:
+async def udp_answers(port: int, count: int, server_counts: Any) -> list[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         client.setblocking(False)
         for index in range(count):
             client.sendto(index.to_bytes(2, "big"), ("127.0.0.1", port))
-        answered = []
+        answered: list[int] = []
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0
-        while loop.time() < deadline:
+        deadline = loop.time() + 10
+        # Until every datagram was seen and every answer it counted has arrived.
+        while server_counts() != (count, len(answered)) and loop.time() < deadline:
             try:
                 answered.append(int.from_bytes(client.recv(10), "big"))
             except BlockingIOError:
@@ -128,7 +129,32 @@ async def test_udp_drop_is_reproducible_with_a_seed() -> None:
     runs = []
     for _ in range(2):
         async with EchoServer(config) as server:
-            runs.append(await udp_answers(server.port, 200))
+            stats = server.stats
+
+            def counts(server: EchoServer = server) -> tuple[int, int]:
+                current = server.stats
+                return current.datagrams_in, current.datagrams_out
+
+            del stats
+            runs.append(await udp_answers(server.port, 200, counts))
             assert server.stats.datagrams_dropped == 200 - len(runs[-1])
     assert runs[0] == runs[1]
     assert 50 < len(runs[0]) < 150
+
+
+async def test_backpressure_holds_with_faults_on() -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, fault_delay=1, shutdown_timeout=0.5)
+    async with EchoServer(config) as server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.transport.set_write_buffer_limits(high=64 * 1024 * 1024)
+        writer.write(os.urandom(32 * 1024 * 1024))  # and never read
+        loop = asyncio.get_running_loop()
+        previous, deadline = -1, loop.time() + 20
+        while server.stats.bytes_in != previous:  # until the server stops reading
+            previous = server.stats.bytes_in
+            await asyncio.sleep(0.3)
+            assert loop.time() < deadline, "the server never stopped reading"
+        (connection,) = server._connections
+        held = connection.transport.get_write_buffer_size() + connection.pending_bytes  # type: ignore[attr-defined]
+        assert held <= config.write_buffer_high * 2 + 1024 * 1024
+        writer.transport.abort()

@@ -160,3 +160,48 @@ def test_sweep_interval_follows_the_shortest_timer() -> None:
     assert sweep_interval(ServerConfig(idle_timeout=0, max_lifetime=0)) == 1.0
     assert sweep_interval(ServerConfig(idle_timeout=2, max_lifetime=0)) == 0.5
     assert sweep_interval(ServerConfig(idle_timeout=300, max_lifetime=0.1)) == 0.05
+
+
+class StubTransport:
+    """Just enough of a transport to drive EchoConnection.sweep() by hand."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.aborted = False
+        self.closing = False
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 12000)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.closing = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+def test_idle_timeout_spares_a_client_that_is_still_reading_slowly() -> None:
+    from echo_async.connection import EchoConnection
+
+    transport = StubTransport()
+    connection = EchoConnection(None, transport, None, ("127.0.0.1", 1))  # type: ignore[arg-type]
+    start = connection.opened_at
+    transport.buffered = 900_000  # a big reply queued; the client sends nothing more
+    for second in range(1, 6):
+        transport.buffered -= 100_000  # ...but it keeps reading, slowly
+        connection.sweep(start + second, idle_timeout=2.0, max_lifetime=0.0)
+    assert not transport.aborted
+    for second in range(6, 9):  # now it stops reading: that is idle
+        connection.sweep(start + second, idle_timeout=2.0, max_lifetime=0.0)
+    assert transport.aborted
+    assert connection.close_reason == "idle_timeout"

@@ -153,3 +153,23 @@ async def test_rejected_untrusted_connections_get_no_greeting() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
+
+
+async def test_per_ip_limit_releases_the_admitted_address_not_the_header_one() -> None:
+    async with EchoServer(config("optional", max_connections_per_ip=2)) as server:
+        for index in range(5):  # one at a time: never over the limit
+            header = f"PROXY TCP4 203.0.113.{index} 192.0.2.1 5000 12000\r\n".encode()
+            assert await exchange(server.port, header + b"ok", expect=2) == b"ok"
+        assert server.stats.connections_rejected == 0
+
+
+async def test_eof_while_a_header_might_still_come_is_payload_in_optional_mode(
+    logs: list[dict[str, Any]],
+) -> None:
+    async with EchoServer(config("optional")) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"PRO")  # might be the start of "PROXY ": held...
+        writer.write_eof()  # ...until EOF says it was payload
+        assert await asyncio.wait_for(reader.read(), 5) == b"PRO"
+        writer.close()
+    assert closed(logs)[0]["bytes_in"] == 3

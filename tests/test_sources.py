@@ -95,3 +95,9 @@ def test_printed_config_reads_back_identically(tmp_path: Path) -> None:
     )
     path = write(tmp_path, render_toml(config))
     assert load_service_config({}, {}, path) == config
+
+
+def test_any_text_survives_print_config(tmp_path: Path) -> None:
+    config = load_service_config({"greeting": 'smile 😀 del\x7f tab\t quote" back\\'}, {})
+    path = write(tmp_path, render_toml(config))
+    assert load_service_config({}, {}, path) == config
