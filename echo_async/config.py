@@ -29,12 +29,6 @@ MAX_WORKERS = 64
 # Set by the supervisor for its workers: the worker's index, 0..N-1 ({worker} in --greeting).
 WORKER_ENVIRONMENT_VARIABLE = "ECHO_ASYNC_WORKER"
 PROXY_PROTOCOL_CHOICES = ("off", "required", "optional")
-_CHOICES = {
-    "loop": LOOP_CHOICES,
-    "log_format": LOG_FORMATS,
-    "log_level": LOG_LEVELS,
-    "proxy_protocol": PROXY_PROTOCOL_CHOICES,
-}
 
 
 class ConfigError(ValueError):
@@ -396,7 +390,9 @@ def _check_str(config: Any, name: str, *, allow_empty: bool) -> None:
 
 def _check_choice(config: Any, name: str) -> None:
     value = getattr(config, name)
-    allowed: tuple[str, ...] = _CHOICES[name]
+    allowed: tuple[str, ...] = next(
+        item.metadata["choices"] for item in fields(config) if item.name == name
+    )
     if value not in allowed:
         raise ConfigError(option_flag(name), f"{value!r} is not one of {', '.join(allowed)}")
 

@@ -112,7 +112,7 @@ class EchoConnection(asyncio.Protocol):
         self.discarded = 0
         self.unsent = 0
         self.max_bytes = max_bytes
-        self.byte_limit: float = max_bytes if max_bytes else math.inf
+        self.byte_limit: float = self._open_limit()
         self.finish_deadline = math.inf
         self.close_reason: str | None = None
         self.detail: str | None = None
@@ -151,6 +151,10 @@ class EchoConnection(asyncio.Protocol):
             self.echo(data[:allowed])
         self.discarded += len(data) - max(allowed, 0)
         self.finish(REASON_MAX_BYTES, time.monotonic() + FINISH_TIMEOUT_S)
+
+    def _open_limit(self) -> float:
+        """`byte_limit` while echoing normally: the --max-bytes budget, or none."""
+        return self.max_bytes if self.max_bytes else math.inf
 
     def echo(self, data: bytes) -> None:
         """Write echoed bytes (off the fast path; fault injection overrides it)."""
@@ -191,7 +195,7 @@ class EchoConnection(asyncio.Protocol):
     def _end_proxy_parsing(self, payload: bytes) -> None:
         self.proxy_parser = None
         if self.finish_deadline == math.inf:
-            self.byte_limit = self.max_bytes if self.max_bytes else math.inf
+            self.byte_limit = self._open_limit()
         if payload:
             self.data_received(payload)
 
@@ -271,11 +275,11 @@ class EchoConnection(asyncio.Protocol):
         if self.finish_deadline != math.inf:
             if now >= self.finish_deadline:
                 self.abort(self.close_reason or REASON_SHUTDOWN)
-            elif now - self.last_active >= LINGER_S and not self.transport.get_write_buffer_size():
+            elif now - self.last_active >= LINGER_S and not buffered:
                 # Flushed, FIN sent, and nothing unread on our side: closing sends no reset.
                 self.transport.close()
         elif idle_timeout and now - self.last_active >= idle_timeout:
-            if self.transport.get_write_buffer_size():
+            if buffered:
                 self.abort(REASON_IDLE_TIMEOUT)  # it stopped reading too: nothing to wait for
             else:
                 self.finish(REASON_IDLE_TIMEOUT, now + FINISH_TIMEOUT_S)

@@ -93,8 +93,8 @@ class DescriptorWatch:
 
     Event loops handle EMFILE on accept differently (uvloop silently accepts and closes the
     excess, asyncio retries every second and reports each failure), so the server probes the
-    condition itself: one dup() per sweep. `check()` returns "exhausted" or "recovered" on a
-    change of state, None otherwise: that is what makes the log once per episode.
+    condition itself: one open() of /dev/null per sweep. `check()` returns "exhausted" or
+    "recovered" on a change of state, None otherwise: that makes the log once per episode.
     """
 
     def __init__(self) -> None:
@@ -103,7 +103,7 @@ class DescriptorWatch:
 
     def check(self) -> str | None:
         try:
-            probe = os.dup(0) if _fd_open(0) else os.open(os.devnull, os.O_RDONLY)
+            probe = os.open(os.devnull, os.O_RDONLY)
         except OSError as error:
             if error.errno in (errno.EMFILE, errno.ENFILE) and not self.exhausted:
                 self.exhausted = True
@@ -115,11 +115,3 @@ class DescriptorWatch:
             self.exhausted = False
             return "recovered"
         return None
-
-
-def _fd_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True

@@ -132,13 +132,19 @@ class EchoServer:
                     self._sites.append(site)
             else:
                 for listener in listeners:
-                    site = await open_site(
-                        listener,
-                        config,
-                        self._handler(listener.scheme),
-                        self._log,
-                        ssl_context=self._tls_context if listener.scheme == "tls" else None,
-                    )
+                    try:
+                        site = await open_site(
+                            listener,
+                            config,
+                            self._handler(listener.scheme),
+                            self._log,
+                            ssl_context=self._tls_context if listener.scheme == "tls" else None,
+                        )
+                    except OSError as error:
+                        if error.filename is not None:
+                            raise
+                        # Name the listener that failed (asyncio's message has only an address).
+                        raise OSError(error.errno, error.strerror, listener.url) from error
                     self._sites.append(site)
                     if listener.scheme == "udp" and not is_loopback(listener.host):
                         self._log.warning(
@@ -339,7 +345,8 @@ class EchoServer:
             transport.close()
             return
         peer = transport.get_extra_info("peername")
-        if not self._admit(transport, peer):
+        host = _host_of(peer)
+        if not self._admit(transport, peer, host):
             return
         connection: EchoConnection
         if self._fault_plan is None:
@@ -356,11 +363,10 @@ class EchoServer:
                 plan=self._fault_plan,
                 serial=serial,
             )
-        connection.admitted_host = _host_of(peer)
+        connection.admitted_host = host
         transport.set_protocol(connection)
         if self._proxy_networks is not None and kind != "unix":
-            trusted = is_trusted(_host_of(peer), self._proxy_networks)
-            if trusted:
+            if is_trusted(host, self._proxy_networks):
                 connection.expect_proxy_header(self.config.proxy_protocol == "required")
             elif self.config.proxy_protocol == "required":
                 self._register(connection, greet=False)
@@ -368,8 +374,8 @@ class EchoServer:
                 return
         self._register(connection)
 
-    def _admit(self, transport: asyncio.Transport, peer: Any) -> bool:
-        rejection = self._admission.admit(len(self._connections), _host_of(peer))
+    def _admit(self, transport: asyncio.Transport, peer: Any, host: str) -> bool:
+        rejection = self._admission.admit(len(self._connections), host)
         if rejection is None:
             return True
         transport.close()

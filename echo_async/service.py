@@ -116,18 +116,10 @@ async def _serve(service: ServiceConfig, loop_name: str) -> int:
 
 
 def _where(config: ServerConfig, error: OSError) -> str:
-    """Which listener failed: asyncio doesn't say, so name the one the error points at."""
-    listeners = config.listeners
-    if len(listeners) == 1:
-        listener = listeners[0]
-        if listener.scheme == "unix":
-            return listener.url
-        return listener.url if config.listen else f"{listener.host}:{listener.port}"
-    text = str(error)
-    for listener in listeners:
-        if f"{listener.port})" in text or (listener.path and listener.path in text):
-            return listener.url
-    return ", ".join(listener.url for listener in listeners)
+    """The listener that failed: `host:port` in the short form, else the URL the server named."""
+    if not config.listen:
+        return f"{config.host}:{config.port}"
+    return str(error.filename) if error.filename is not None else ", ".join(config.listen)
 
 
 def _quiet_resource_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from tests.e2e.helpers import (
     CliServer,
     cli_command,
     echo,
+    stalled_client,
     start_cli_server,
     stop_cli_server,
     wait_until,
@@ -226,13 +227,8 @@ def test_second_sigint_makes_the_workers_abort_a_stuck_drain(
     tmp_path: Path, supervisors: list[CliServer]
 ) -> None:
     process, port = start_supervisor(supervisors, tmp_path, "--shutdown-timeout", "60")
-    hog = socket.create_connection(("127.0.0.1", port))
-    hog.setblocking(False)
+    hog = stalled_client(port)
     try:
-        # Fill every buffer: the drain can't finish while we don't read.
-        with contextlib.suppress(BlockingIOError):
-            for _ in range(100_000):
-                hog.send(b"x" * 65536)
         process.send_signal(signal.SIGINT)
         wait_for_record(process, lambda r: r["event"] == "shutting down")
         process.send_signal(signal.SIGINT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,3 +99,13 @@ def echo(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
         while chunk := client.recv(65536):
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def stalled_client(port: int) -> socket.socket:
+    """A client that sent until every buffer filled and never reads: a drain can't finish."""
+    hog = socket.create_connection(("127.0.0.1", port))
+    hog.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(100_000):
+            hog.send(b"x" * 65536)
+    return hog

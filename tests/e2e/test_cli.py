@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -15,6 +14,7 @@ import pytest
 from tests.e2e.helpers import (
     cli_command,
     echo,
+    stalled_client,
     start_cli_server,
     stop_cli_server,
     wait_until,
@@ -54,13 +54,8 @@ def test_serves_logs_json_records_and_exits_zero_on_sigterm_with_clients(tmp_pat
 
 def test_second_sigint_aborts_a_stuck_drain(tmp_path: Path) -> None:
     process, port = start_cli_server(["--shutdown-timeout", "60"], tmp_path)
-    hog = socket.create_connection(("127.0.0.1", port))
-    hog.setblocking(False)
+    hog = stalled_client(port)
     try:
-        # Fill every buffer: the drain can't finish while we don't read.
-        with contextlib.suppress(BlockingIOError):
-            for _ in range(100_000):
-                hog.send(b"x" * 65536)
         process.send_signal(signal.SIGINT)
         wait_until(lambda: any(r["event"] == "shutting down" for r in process.records()))
         process.send_signal(signal.SIGINT)
@@ -181,3 +176,20 @@ def test_bad_listener_url_exits_2() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.startswith("echo-async serve: error: --listen: 'sctp://127.0.0.1:1'")
+
+
+def test_busy_port_among_several_listeners_names_that_listener() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = f"tcp://127.0.0.1:{holder.getsockname()[1]}"
+        result = subprocess.run(
+            [*cli_command(), "serve", "--listen", "udp://127.0.0.1:0", "--listen", busy],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"echo-async serve: error: cannot listen on {busy}: address already in use"
+    )
