@@ -35,6 +35,11 @@ REASON_MAX_LIFETIME = "max_lifetime"
 REASON_MAX_BYTES = "max_bytes"
 REASON_PROXY_HEADER = "proxy_header"
 
+# How much one read into the shared buffer may return (both loops read up to 256 KiB themselves).
+READ_BUFFER_SIZE = 256 * 1024
+# A read at least this big marks a bulk transfer: the connection then reads in place.
+BULK_READ = 64 * 1024
+
 _RESET_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, TimeoutError)
 
 
@@ -48,7 +53,26 @@ class ConnectionOwner(Protocol):
         """A connection without a valid PROXY header where one is required."""
 
 
-class EchoConnection(asyncio.Protocol):
+class ReadBuffer:
+    """The receive buffer shared by one server's connections (one loop, so one at a time).
+
+    The loop reads straight into it (`get_buffer`) and the bytes are written back from it, so a
+    chunk is never copied into a `bytes` object on the way. A chunk the transport could not send
+    at once stays queued as a view into this buffer; then `renew()` gives the others a new one
+    and the old one lives on only as long as that queue.
+    """
+
+    __slots__ = ("size", "view")
+
+    def __init__(self, size: int = READ_BUFFER_SIZE) -> None:
+        self.size = size
+        self.view = memoryview(bytearray(size))
+
+    def renew(self) -> None:
+        self.view = memoryview(bytearray(self.size))
+
+
+class EchoConnection(asyncio.BaseProtocol):
     """The byte path of one client: every chunk received is written straight back.
 
     `bytes_in` is the only per-chunk bookkeeping. Anything unusual (a `--max-bytes` budget,
@@ -78,6 +102,7 @@ class EchoConnection(asyncio.Protocol):
         "proxy",
         "proxy_parser",
         "proxy_required",
+        "reads",
         "transport",
         "unsent",
         "writer",
@@ -92,8 +117,10 @@ class EchoConnection(asyncio.Protocol):
         peer: Any,
         max_bytes: int = 0,
         kind: str = "tcp",
+        reads: ReadBuffer | None = None,
     ) -> None:
         self.owner = owner
+        self.reads = reads if reads is not None else ReadBuffer()
         self.kind = kind
         self.transport = transport
         # The handler's StreamWriter would close the transport when garbage collected while
@@ -123,12 +150,21 @@ class EchoConnection(asyncio.Protocol):
     # -- the byte path -------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        total = self.bytes_in + len(data)
+        size = len(data)
+        total = self.bytes_in + size
         self.bytes_in = total
         if total > self.byte_limit:
             self._over_limit(data)
             return
         self.transport.write(data)
+        if size >= BULK_READ:
+            self._read_in_place()
+
+    def _read_in_place(self) -> None:
+        """A bulk transfer: from now on the loop reads into the shared buffer (see below)."""
+        if not self.transport.is_closing():
+            self.__class__ = BulkEchoConnection
+            self.transport.set_protocol(self)
 
     def expect_proxy_header(self, required: bool) -> None:
         """Read a PROXY protocol header first (the slow path until it is parsed)."""
@@ -321,6 +357,39 @@ class EchoConnection(asyncio.Protocol):
         if self.detail is not None:
             record["detail"] = self.detail
         return record
+
+
+class BulkEchoConnection(EchoConnection, asyncio.BufferedProtocol):
+    """An EchoConnection that has seen a bulk read, and now reads into the server's ReadBuffer.
+
+    For small chunks the loop's own `bytes` object is the cheapest carrier: one call per chunk.
+    For big ones, copying every read into a new `bytes` object costs more than the second call
+    (`get_buffer`) of a BufferedProtocol, so `data_received` switches a connection over (same
+    object, same state, same slots) on its first read of `BULK_READ` bytes or more. Everything
+    but the byte path is EchoConnection's.
+    """
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reads.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        total = self.bytes_in + nbytes
+        self.bytes_in = total
+        reads = self.reads
+        if total > self.byte_limit:
+            self._over_limit(bytes(reads.view[:nbytes]))
+            return
+        transport = self.transport
+        if transport.get_write_buffer_size():
+            # Queued behind earlier bytes anyway: a copy keeps the shared buffer free.
+            transport.write(bytes(reads.view[:nbytes]))
+            return
+        transport.write(reads.view[:nbytes])
+        if transport.get_write_buffer_size():
+            # Not all sent: the transport keeps a view into the buffer until it is.
+            reads.renew()
 
 
 class _Detached:

@@ -79,8 +79,9 @@ class FaultyConnection(EchoConnection):
         self.eof_pending = False
 
     def data_received(self, data: bytes) -> None:
-        # EchoConnection.data_received with echo() in place of transport.write(): the plain
-        # class keeps its direct write, so faults cost nothing when they are off.
+        # EchoConnection.data_received with echo() in place of transport.write(), and never
+        # switched to reading in place (held pieces must outlive the read): the plain class
+        # keeps its direct write, so faults cost nothing when they are off.
         total = self.bytes_in + len(data)
         self.bytes_in = total
         if total > self.byte_limit:

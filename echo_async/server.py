@@ -28,6 +28,7 @@ from echo_async.connection import (
     REASON_PROXY_HEADER,
     REASON_SHUTDOWN,
     EchoConnection,
+    ReadBuffer,
     format_address,
 )
 from echo_async.faults import FaultPlan, FaultyConnection
@@ -77,6 +78,7 @@ class EchoServer:
         self._sites: list[Site] = []
         self._tls_context: ssl.SSLContext | None = None
         self._connections: set[EchoConnection] = set()
+        self._reads = ReadBuffer()
         self._admission = Admission(self.config)
         self._descriptors = DescriptorWatch()
         self._sweeper = Sweeper(sweep_interval(self.config), self._sweep)
@@ -350,7 +352,9 @@ class EchoServer:
             return
         connection: EchoConnection
         if self._fault_plan is None:
-            connection = EchoConnection(self, transport, writer, peer, self.config.max_bytes, kind)
+            connection = EchoConnection(
+                self, transport, writer, peer, self.config.max_bytes, kind, self._reads
+            )
         else:
             serial = sum(self._opened.values())
             connection = FaultyConnection(
@@ -360,6 +364,7 @@ class EchoServer:
                 peer,
                 self.config.max_bytes,
                 kind,
+                self._reads,
                 plan=self._fault_plan,
                 serial=serial,
             )
