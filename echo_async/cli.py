@@ -154,11 +154,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(render_toml(service))
         return EXIT_OK
-    configure_logging(service.log_format, service.log_level)
     worker = os.environ.get(WORKER_ENVIRONMENT_VARIABLE)
-    if worker is not None and worker.isdigit():
-        # Set by the supervisor: every record of a worker says which one it is.
-        structlog.contextvars.bind_contextvars(worker=int(worker))
+    # Set by the supervisor: every record of a worker says which one it is.
+    fields = {"worker": int(worker)} if worker is not None and worker.isdigit() else None
+    configure_logging(service.log_format, service.log_level, fields=fields)
     if choice.fallback is not None:
         structlog.get_logger("echo_async.cli").warning(
             "uvloop unavailable, using the asyncio loop", error=choice.fallback

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import io
 import json
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import structlog
@@ -55,3 +61,105 @@ def test_console_format() -> None:
     structlog.get_logger("echo_async").info("listening", addresses=["tcp://127.0.0.1:1"])
     assert "listening" in stream.getvalue()
     assert not stream.getvalue().lstrip().startswith("{")
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes (one per batch of lines)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_records_of_one_loop_iteration_are_written_together_in_order() -> None:
+    stream = CountingStream()
+    configure_logging("json", "info", stream)
+    log = structlog.get_logger("echo_async")
+    for number in range(5):
+        log.info("connection closed", number=number)
+    assert stream.getvalue() == ""  # not yet: at the end of this iteration
+    await asyncio.sleep(0)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [record["number"] for record in records] == [0, 1, 2, 3, 4]
+    assert stream.writes == 1
+
+
+def test_records_outside_a_loop_are_written_at_once() -> None:
+    stream = CountingStream()
+    configure_logging("json", "info", stream)
+    log = structlog.get_logger("echo_async")
+    log.info("one")
+    assert json.loads(stream.getvalue())["event"] == "one"
+    log.warning("two")
+    assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["one", "two"]
+
+
+def test_records_pending_in_a_loop_that_closed_are_written_by_the_next_one() -> None:
+    stream = CountingStream()
+    configure_logging("json", "info", stream)
+    log = structlog.get_logger("echo_async")
+
+    async def log_and_stop() -> None:
+        log.info("inside")
+        asyncio.get_running_loop().stop()
+
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(log_and_stop())
+        loop.run_forever()  # stops before the flush callback runs
+    finally:
+        loop.close()
+    assert task.done()
+    assert stream.getvalue() == ""
+    log.info("after")
+    assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == [
+        "inside",
+        "after",
+    ]
+
+
+def test_pending_records_are_written_at_exit() -> None:
+    # The process leaves the loop (SystemExit) before the iteration's flush could run.
+    script = textwrap.dedent(
+        """
+        import asyncio, sys, structlog
+        from echo_async.logs import configure_logging
+        configure_logging("json", "info")
+
+        async def main():
+            structlog.get_logger("echo_async").info("last words", n=1)
+            sys.exit(3)
+
+        asyncio.new_event_loop().run_until_complete(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 3, done.stderr
+    assert json.loads(done.stdout)["event"] == "last words"
+
+
+def test_timestamp_is_iso_utc_with_microseconds_and_current() -> None:
+    stream = io.StringIO()
+    configure_logging("json", "info", stream)
+    before = datetime.datetime.now(datetime.UTC)
+    structlog.get_logger("echo_async").info("tick")
+    after = datetime.datetime.now(datetime.UTC)
+    stamp = json.loads(stream.getvalue())["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+    parsed = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert before - datetime.timedelta(microseconds=1) <= parsed <= after
+
+
+def test_fields_and_unserializable_values() -> None:
+    stream = io.StringIO()
+    configure_logging("json", "info", stream, fields={"worker": 2})
+    structlog.get_logger("echo_async").info("odd", value={1, 2}.__class__)
+    record = json.loads(stream.getvalue())
+    assert record["worker"] == 2
+    assert record["value"] == repr(set)
