@@ -923,6 +923,8 @@ def choose_servers(
     serve = f"{echo_async} serve --port {{port}} --log-format json"
     servers.append(ServerSpec("echo-async", serve))
     servers.append(ServerSpec("echo-async-asyncio", f"{serve} --loop asyncio"))
+    bare = HERE / "bare_protocol.py"
+    servers.append(ServerSpec("uvloop-protocol", f"{shlex.quote(sys.executable)} {bare} {{port}}"))
     if has_workers_option(echo_async):
         compared = ("pingpong:1000:1024", "oneshot:50:64")
         for count in (1, 2):
