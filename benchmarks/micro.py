@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from echo_async.connection import EchoConnection
+from echo_async.connection import EchoConnection, ReadBuffer
 from echo_async.logs import configure_logging
 
 RECORD = {
@@ -142,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     owner = NullOwner()
+    reads = ReadBuffer()  # one per server, as EchoServer has
 
     def one_connection() -> None:
-        opened = EchoConnection(owner, transport, None, ("127.0.0.1", 51234))  # type: ignore[arg-type]
+        opened = EchoConnection(owner, transport, None, ("127.0.0.1", 51234), reads=reads)  # type: ignore[arg-type]
         opened.data_received(b"x" * 64)
         opened.eof_received()
         opened.connection_lost(None)

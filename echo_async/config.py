@@ -284,10 +284,18 @@ class ServiceConfig:
         default=1,
         metadata=_option("worker processes sharing the port under a supervisor"),
     )
+    drain_delay: float = field(
+        default=0.0,
+        metadata=_option(
+            "seconds to keep accepting after SIGTERM while /healthz answers 503, so a load "
+            "balancer stops sending new connections before the listeners close"
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name in ("loop", "log_format", "log_level"):
             _check_choice(self, name)
+        _check_seconds(self, "drain_delay")
         _check_str(self, "metrics", allow_empty=True)
         if self.metrics:
             parse_host_port(self.metrics, option_flag("metrics"))

@@ -8,6 +8,7 @@ the loop's exception filter. `run_service` returns the exit status; a problem th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -74,9 +75,12 @@ async def _serve(service: ServiceConfig, loop_name: str) -> int:
             f"cannot listen on {_where(config, error)}: {os_reason(error)}"
         ) from None
     endpoint = None
+    draining = False
     if service.metrics and metrics is not None:
         host, port = parse_host_port(service.metrics, "--metrics")
-        endpoint = MetricsEndpoint(host, port, metrics.registry, lambda: server.is_serving)
+        endpoint = MetricsEndpoint(
+            host, port, metrics.registry, lambda: server.is_serving and not draining
+        )
         try:
             await endpoint.start()
         except OSError as error:
@@ -86,6 +90,7 @@ async def _serve(service: ServiceConfig, loop_name: str) -> int:
             ) from None
     log.info("serving", loop=loop_name, version=__version__, pid=os.getpid())
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: no more waiting for the drain delay
     status = EXIT_OK
 
     def on_signal(signum: signal.Signals) -> None:
@@ -93,7 +98,9 @@ async def _serve(service: ServiceConfig, loop_name: str) -> int:
         if not stop.is_set():
             log.info("signal received, draining", signal=signum.name)
             stop.set()
-        elif signum == signal.SIGINT:
+            return
+        hurry.set()
+        if signum == signal.SIGINT:
             log.warning("second SIGINT, aborting open connections", signal=signum.name)
             status = EXIT_ABORTED
             server.abort_connections()
@@ -105,6 +112,13 @@ async def _serve(service: ServiceConfig, loop_name: str) -> int:
         systemd.notify("READY=1")
         await stop.wait()
         systemd.notify("STOPPING=1")
+        if service.drain_delay:
+            # Still accepting and serving, but /healthz says 503: a balancer that checks it
+            # stops sending new connections before they could meet a closed listener.
+            draining = True
+            log.info("failing health checks before closing", drain_delay_s=service.drain_delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), service.drain_delay)
         await server.close()
         if endpoint is not None:
             await endpoint.close()

@@ -193,7 +193,8 @@ class Supervisor:
         slots = [asyncio.create_task(self._supervise(i)) for i in range(self.service.workers)]
         try:
             await self._stopping.wait()
-            limit_s = self.service.server.shutdown_timeout + SHUTDOWN_MARGIN_S
+            service = self.service
+            limit_s = service.drain_delay + service.server.shutdown_timeout + SHUTDOWN_MARGIN_S
             _, late = await asyncio.wait(slots, timeout=limit_s)
             if late:
                 self._log.error("workers did not exit in time, killing them", timeout_s=limit_s)

@@ -317,11 +317,15 @@ def test_haproxy_drain_matches_the_shutdown_timeout() -> None:
     backend = next(lines for name, lines in sections.items() if name.startswith("backend "))
     every_line = [line for lines in sections.values() for line in lines]
 
-    # A draining instance is taken out well before its drain ends...
+    # A draining instance is taken out of rotation while it still accepts (--drain-delay):
+    # HAProxy's checks see the 503 before the listener closes, even a check that times out...
     default_server = server_options("server - - " + (setting(backend, "default-server") or ""))
     interval = haproxy_seconds(default_server.get("inter", "2s"))
-    assert interval * int(default_server.get("fall", "3")) < shutdown_timeout / 2
-    # ...what is still routed to it in the meantime, and refused, is sent elsewhere...
+    check_timeout = haproxy_seconds(setting(defaults, "timeout check") or "0")
+    detection = interval * int(default_server.get("fall", "3")) + check_timeout
+    assert float(config["drain_delay"]) >= detection
+    assert detection < shutdown_timeout / 2
+    # ...what would still be refused (a shorter delay) is sent elsewhere...
     assert int(setting(defaults, "retries") or 0) >= 1
     # (without redispatch, every retry goes to the same refusing server, one second apart)
     redispatch = setting(defaults, "option redispatch")
@@ -335,6 +339,14 @@ def test_haproxy_drain_matches_the_shutdown_timeout() -> None:
     # ...and a reload of HAProxy itself gives open sessions at least as long as a drain.
     hard_stop_after = haproxy_seconds(setting(sections["global"], "hard-stop-after") or "0")
     assert hard_stop_after > shutdown_timeout
+
+
+def test_haproxy_logs_sessions_that_carried_no_bytes() -> None:
+    """A client an instance closed before its greeting moved no byte: it must still be logged."""
+    sections = haproxy_sections()
+    assert setting(sections["defaults"], "option tcplog") is not None
+    for name, lines in sections.items():
+        assert "option dontlognull" not in lines, name
 
 
 def test_haproxy_accepts_the_configuration() -> None:

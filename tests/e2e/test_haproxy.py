@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 DEPLOYED_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 PROXY_SOURCE = "127.0.0.2"  # where HAProxy's connections to the instances come from
+DRAIN_DELAY_S = 1.0
 SHUTDOWN_TIMEOUT_S = 3
 # Fast checks for a short test; the deployed file checks every second (tests/test_deploy.py).
 TEST_CHECKS = "default-server inter 200ms fastinter 100ms downinter 200ms fall 1 rise 1"
@@ -80,6 +81,9 @@ def start_backend(tmp_path: Path) -> Backend:
             "backend-{port}",
             "--shutdown-timeout",
             str(SHUTDOWN_TIMEOUT_S),
+            # The test's checks run every 200 ms: HAProxy sees the 503 well within this.
+            "--drain-delay",
+            str(DRAIN_DELAY_S),
         ],
         tmp_path,
     )
@@ -204,7 +208,10 @@ def start_haproxy(
             servers = proxy.servers()
         except (FileNotFoundError, ConnectionRefusedError):
             return False  # not listening yet
-        return not check_up or all(row["status"] == "UP" for row in servers.values())
+        # A server reads UP before its first check (check_status INI): wait for a passed check.
+        return not check_up or all(
+            row["status"] == "UP" and row["check_status"] == "L7OK" for row in servers.values()
+        )
 
     wait_until(ready)
     return proxy
@@ -410,7 +417,7 @@ def test_haproxy_balances_with_proxy_protocol_and_survives_a_backend_drain(
                 if backend is victim:
                     assert read_to_eof(client) == b""
                     client.close()
-            assert victim.process.wait(SHUTDOWN_TIMEOUT_S + IO_TIMEOUT_S) == 0
+            assert victim.process.wait(DRAIN_DELAY_S + SHUTDOWN_TIMEOUT_S + IO_TIMEOUT_S) == 0
             exited_at = time.monotonic()
             wait_until(lambda: proxy.servers()["echo1"]["status"] != "UP")
             down_at = time.monotonic()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -89,6 +91,54 @@ def test_metrics_endpoint_reports_the_traffic_and_health(tmp_path: Path) -> None
             assert response.status == 200
     finally:
         assert stop_cli_server(process) == 0
+
+
+def health(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_drain_delay_fails_health_checks_but_keeps_serving_until_it_ends(
+    tmp_path: Path,
+) -> None:
+    metrics_port = free_port()
+    process, port = start_cli_server(
+        ["--metrics", f"127.0.0.1:{metrics_port}", "--drain-delay", "1.5"], tmp_path
+    )
+    url = f"http://127.0.0.1:{metrics_port}"
+    try:
+        assert health(url) == 200
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        wait_until(lambda: health(url) == 503)
+        # Within the delay a new connection is still accepted and served in full.
+        assert echo(port, b"late but served") == b"late but served"
+        assert time.monotonic() - signalled < 1.5
+        assert process.wait(15) == 0
+        assert time.monotonic() - signalled >= 1.5
+    finally:
+        stop_cli_server(process)
+    events = [record["event"] for record in process.records()]
+    assert events.index("failing health checks before closing") < events.index("exiting")
+
+
+def test_a_second_signal_cuts_the_drain_delay_short(tmp_path: Path) -> None:
+    process, port = start_cli_server(["--drain-delay", "60"], tmp_path)
+    try:
+        process.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: any(
+                r["event"] == "failing health checks before closing" for r in process.records()
+            )
+        )
+        assert echo(port, b"still here") == b"still here"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        stop_cli_server(process)
 
 
 def test_busy_metrics_port_exits_2_and_closes_the_echo_port() -> None:
