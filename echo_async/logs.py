@@ -15,16 +15,20 @@ import asyncio
 import atexit
 import json
 import logging
+import select
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import IO, Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
 from echo_async.config import LOG_FORMATS, LOG_LEVELS
+
+# The most one write may carry and still reach a pipe whole (4096 on Linux).
+ATOMIC_WRITE = select.PIPE_BUF
 
 
 def resolve_format(requested: str, stream: IO[str]) -> str:
@@ -39,7 +43,8 @@ class LineWriter:
     """A structlog logger writing lines to a text stream, batched per event-loop iteration.
 
     In a running loop, lines wait in a list until a callback scheduled once per iteration
-    writes them all and flushes; outside one (start-up, shutdown) each line is written at once.
+    writes them all and flushes, in writes a pipe keeps whole; outside one (start-up, shutdown)
+    each line is written at once.
     `flush()` also runs at interpreter exit, so a clean exit loses nothing; a process killed
     hard loses at most the lines of its last loop iteration.
     """
@@ -76,13 +81,32 @@ class LineWriter:
             self._flush_on = None
             if not self._pending:
                 return
-            lines = "\n".join(self._pending) + "\n"
-            self._pending.clear()
+            lines, self._pending = self._pending, []
         try:
-            self._stream.write(lines)
-            self._stream.flush()
-        except ValueError:  # the stream was closed under us (at exit): nothing to write to
+            for piece in _whole_line_pieces(lines):
+                self._stream.write(piece)
+                self._stream.flush()
+        except (ValueError, OSError):
+            # Closed under us (at exit), or its reader is gone (EPIPE): nothing to write to.
             pass
+
+
+def _whole_line_pieces(lines: list[str]) -> Iterator[str]:
+    """`lines` joined into pieces of at most ATOMIC_WRITE bytes (a longer line goes alone).
+
+    The supervisor and its workers share one stdout. A pipe keeps a write of up to PIPE_BUF
+    bytes whole; a longer one may be split around other processes' writes, cutting a line of
+    one worker with lines of another. So a batch leaves in pieces that end at a line end.
+    """
+    start = size = 0
+    for index, line in enumerate(lines):
+        # JSON lines are ASCII (the encoder escapes the rest); console text may not be.
+        length = (len(line) if line.isascii() else len(line.encode("utf-8", "replace"))) + 1
+        if size + length > ATOMIC_WRITE and index > start:
+            yield "\n".join(lines[start:index]) + "\n"
+            start, size = index, 0
+        size += length
+    yield "\n".join(lines[start:]) + "\n"
 
 
 class LineWriterFactory:
@@ -127,7 +151,7 @@ class AddFields:
         return event_dict
 
 
-_ENCODER = json.JSONEncoder(default=repr, check_circular=False)
+_ENCODER = json.JSONEncoder(default=repr)
 
 
 def _dumps(event_dict: EventDict, **_ignored: Any) -> str:

@@ -50,7 +50,8 @@ EXIT_FAILURE = 1
 RESTART_WINDOW_S = 10.0
 MAX_RESTARTS = 5  # per worker within RESTART_WINDOW_S; the next death ends the supervisor
 RESTART_BACKOFF_S = 0.1
-SHUTDOWN_MARGIN_S = 5.0  # beyond shutdown_timeout, for a worker's interpreter to exit
+# Beyond drain_delay + shutdown_timeout, for a worker's interpreter to exit.
+SHUTDOWN_MARGIN_S = 5.0
 # Never inherited by a worker: the supervisor alone talks to systemd, and owns the socket
 # activation fds and the metrics directory.
 _PRIVATE_VARIABLES = frozenset(
@@ -350,6 +351,10 @@ class Supervisor:
             self._log.warning("second SIGINT, workers abort open connections")
             self._status = EXIT_ABORTED
             self._signal_all(signal.SIGINT)
+        else:
+            # A worker's second SIGTERM ends its --drain-delay, as for a single process.
+            self._log.info("second SIGTERM, workers stop delaying their drain")
+            self._signal_all(signal.SIGTERM)
 
     def _stop(self, status: int) -> None:
         """Stop restarting and let every worker drain (SIGTERM); `status` is the exit status."""

@@ -19,6 +19,7 @@ import trustme
 
 from echo_async import EchoServer, ServerConfig
 from echo_async.connection import BulkEchoConnection, EchoConnection
+from echo_async.faults import FaultyConnection
 from tests.conftest import echo_once, wait_for
 
 MiB = 1024 * 1024
@@ -202,3 +203,17 @@ async def test_bulk_over_tls_and_unix_comes_back_exact(
         assert {type(connection) for connection in server._connections} == {BulkEchoConnection}
         for stream in (writer, unix_writer):
             stream.close()
+
+
+async def test_a_connection_with_faults_never_reads_in_place() -> None:
+    # Held pieces must outlive the read: the fault path keeps the loop's own bytes objects.
+    config = ServerConfig(host="127.0.0.1", port=0, fault_delay=1.0)
+    async with EchoServer(config) as server:
+        payload = os.urandom(4 * MiB)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(payload)
+        assert await reader.readexactly(len(payload)) == payload
+        (connection,) = server._connections
+        assert type(connection) is FaultyConnection
+        writer.close()
+        await writer.wait_closed()

@@ -7,9 +7,11 @@ import datetime
 import io
 import json
 import re
+import select
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 import structlog
@@ -163,3 +165,43 @@ def test_fields_and_unserializable_values() -> None:
     record = json.loads(stream.getvalue())
     assert record["worker"] == 2
     assert record["value"] == repr(set)
+
+
+class RawWrites(io.RawIOBase):
+    """The bottom of a stream like stdout: each `write` here is one write(2) to the OS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.writes.append(bytes(data))
+        return len(self.writes[-1])
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+async def test_a_big_batch_reaches_the_os_in_whole_lines_a_pipe_keeps_whole(
+    log_format: str,
+) -> None:
+    # The supervisor and its workers share one stdout. A pipe keeps a write of up to PIPE_BUF
+    # bytes whole; a longer one can be split around another process's write, which then cuts
+    # a line in two (one iteration's batch of close records easily passes 4 KiB).
+    raw = RawWrites()
+    stream = io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8")
+    configure_logging(log_format, "info", stream)
+    log = structlog.get_logger("echo_async")
+    for number in range(100):
+        log.info("connection closed", number=number, peer="127.0.0.1:51234", note="é" * 40)
+    log.info("a long one", padding="x" * (select.PIPE_BUF + 100))
+    await asyncio.sleep(0)
+    for data in raw.writes:
+        assert data.endswith(b"\n")
+        assert len(data) <= select.PIPE_BUF or data.count(b"\n") == 1
+    lines = b"".join(raw.writes).decode().splitlines()
+    assert len(lines) == 101
+    assert "a long one" in lines[-1]
+    numbers = [int(re.findall(r"number\W+(\d+)", line)[0]) for line in lines[:-1]]
+    assert numbers == list(range(100))

@@ -238,6 +238,20 @@ def test_second_sigint_makes_the_workers_abort_a_stuck_drain(
     assert not any(is_running(pid) for pid in worker_pids(process))
 
 
+def test_a_second_sigterm_ends_the_workers_drain_delay(
+    tmp_path: Path, supervisors: list[CliServer]
+) -> None:
+    # As with one process (tests/e2e/test_operations.py), a second signal ends --drain-delay.
+    process, port = start_supervisor(supervisors, tmp_path, "--drain-delay", "60")
+    process.send_signal(signal.SIGTERM)
+    delaying = "failing health checks before closing"
+    wait_until(lambda: sum(r["event"] == delaying for r in process.records()) == 2, timeout=20)
+    assert echo(port, b"still served") == b"still served"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    assert not any(is_running(pid) for pid in worker_pids(process))
+
+
 def test_a_worker_that_keeps_dying_stops_the_supervisor_with_status_1(
     tmp_path: Path, supervisors: list[CliServer]
 ) -> None:
