@@ -59,18 +59,20 @@ class LineWriter:
         atexit.register(self.flush)
 
     def msg(self, message: str) -> None:
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
         with self._lock:
             self._pending.append(message)
-            if loop is not None:
-                if self._flush_on is not loop:
-                    self._flush_on = loop
-                    loop.call_soon(self.flush)
-                return
-        self.flush()
+            scheduled = self._flush_on
+            if scheduled is not None and scheduled.is_running():
+                return  # this iteration's flush is scheduled already
+        try:
+            loop = asyncio.get_running_loop()  # a getpid() system call: once per iteration
+        except RuntimeError:
+            self.flush()
+            return
+        with self._lock:
+            if self._flush_on is not loop:
+                self._flush_on = loop
+                loop.call_soon(self.flush)
 
     # structlog calls the method named after the level; every level is a line.
     debug = info = warning = warn = error = critical = exception = log = failure = fatal = msg
@@ -82,8 +84,10 @@ class LineWriter:
             if not self._pending:
                 return
             lines, self._pending = self._pending, []
+        text = "\n".join(lines) + "\n"
+        pieces = [text] if len(text) <= ATOMIC_WRITE and text.isascii() else None
         try:
-            for piece in _whole_line_pieces(lines):
+            for piece in pieces or _whole_line_pieces(lines):
                 self._stream.write(piece)
                 self._stream.flush()
         except (ValueError, OSError):
@@ -151,12 +155,36 @@ class AddFields:
         return event_dict
 
 
-_ENCODER = json.JSONEncoder(default=repr)
+# json.dumps with any keyword argument builds a new JSONEncoder per call, and JSONEncoder.encode
+# builds a new C encoder per call; this C encoder is built once. Same output as json.dumps.
+_MARKERS: dict[int, Any] = {}  # circular-reference check; empty again after every call
+_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_ENCODE = (
+    _C_ENCODER(
+        _MARKERS,
+        repr,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ": ",
+        ", ",
+        False,
+        False,
+        True,
+    )
+    if _C_ENCODER is not None
+    else None
+)
+_FALLBACK = json.JSONEncoder(default=repr)
 
 
 def _dumps(event_dict: EventDict, **_ignored: Any) -> str:
-    # json.dumps with any keyword argument builds a new JSONEncoder per call; this one is reused.
-    return _ENCODER.encode(event_dict)
+    if _ENCODE is None:  # a Python without the json C accelerator
+        return _FALLBACK.encode(event_dict)
+    try:
+        return "".join(_ENCODE(event_dict, 0))
+    except BaseException:
+        _MARKERS.clear()  # an interrupted call may leave entries behind
+        raise
 
 
 def configure_logging(

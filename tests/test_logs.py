@@ -205,3 +205,23 @@ async def test_a_big_batch_reaches_the_os_in_whole_lines_a_pipe_keeps_whole(
     assert "a long one" in lines[-1]
     numbers = [int(re.findall(r"number\W+(\d+)", line)[0]) for line in lines[:-1]]
     assert numbers == list(range(100))
+
+
+def test_json_lines_match_json_dumps_and_a_circular_value_fails_alone() -> None:
+    stream = io.StringIO()
+    configure_logging("json", "info", stream)
+    log = structlog.get_logger("echo_async")
+    fields = {"n": 1, "x": [1, 2.5, None, True], "text": 'é\n"', "nested": {"inf": float("inf")}}
+    log.info("first", **fields)
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match="Circular"):
+        log.info("circular", value=loop)
+    # The same dict, no longer circular, logs fine: the failed call left no stale check behind.
+    loop.clear()
+    loop["n"] = 1
+    log.info("after", value=loop)
+    first, after = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert {key: first[key] for key in fields} == json.loads(json.dumps(fields))
+    assert stream.getvalue().splitlines()[0] == json.dumps(first)
+    assert after["value"] == {"n": 1}
