@@ -825,6 +825,7 @@ def plot(summaries: Sequence[Summary], path: Path) -> bool:
         1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [4, 1]}
     )
     width = 0.8 / max(len(servers), 1)
+    colors: dict[str, Any] = {}
     for index, server in enumerate(servers):
         heights = [
             next(
@@ -838,7 +839,8 @@ def plot(summaries: Sequence[Summary], path: Path) -> bool:
             for w in workloads
         ]
         positions = [x + (index - (len(servers) - 1) / 2) * width for x in range(len(workloads))]
-        left.bar(positions, heights, width, label=server)
+        bars = left.bar(positions, heights, width, label=server)
+        colors[server] = bars.patches[0].get_facecolor() if bars.patches else None
     for x, workload in enumerate(workloads):
         target = RATIO_TARGETS.get(workload)
         if target is not None:
@@ -847,9 +849,14 @@ def plot(summaries: Sequence[Summary], path: Path) -> bool:
     left.set_xticks(range(len(workloads)), workloads, rotation=30, ha="right")
     left.set_ylabel("throughput / epoll_echo (median of per-round ratios)")
     left.set_title("Throughput relative to a C epoll echo server (dashed: target)")
-    left.legend()
+    left.set_ylim(0, 1.3)
+    left.legend(loc="upper center", ncol=len(servers), fontsize="small")
     hold_servers = [s.server for s in holds]
-    right.bar(hold_servers, [(s.median or 0.0) / 1024 for s in holds], color="tab:purple")
+    right.bar(
+        hold_servers,
+        [(s.median or 0.0) / 1024 for s in holds],
+        color=[colors.get(server) or "tab:grey" for server in hold_servers],
+    )
     right.axhline(HOLD_TARGET_KIB_PER_CONNECTION, color="black", linestyle="dashed")
     right.set_ylabel("server RSS growth, KiB per idle connection")
     right.set_title(holds[0].workload if holds else "hold")
