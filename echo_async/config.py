@@ -114,6 +114,12 @@ class ServerConfig:
     tls_handshake_timeout: float = field(
         default=10.0, metadata=_option("seconds a TLS client gets to complete its handshake")
     )
+    tls_alpn: str = field(
+        default="",
+        metadata=_option(
+            "ALPN protocols tls:// listeners offer, comma-separated, e.g. echo,h2 (empty: none)"
+        ),
+    )
     unix_mode: str = field(
         default="0660", metadata=_option("octal permissions of unix:// socket files")
     )
@@ -195,6 +201,10 @@ class ServerConfig:
         for name in ("tls_cert", "tls_key", "tls_client_ca", "unix_mode"):
             _check_str(self, name, allow_empty=name != "unix_mode")
         _check_seconds(self, "tls_handshake_timeout")
+        _check_str(self, "tls_alpn", allow_empty=True)
+        for protocol in self.alpn_protocols:
+            if not protocol.isascii() or not 1 <= len(protocol) <= 255:
+                raise ConfigError("--tls-alpn", f"{protocol!r} is not a protocol name")
         if not self.tls_handshake_timeout:
             raise ConfigError("--tls-handshake-timeout", "must be more than 0")
         try:
@@ -243,12 +253,11 @@ class ServerConfig:
                 raise ConfigError("--listen", str(error)) from None
             if listener.scheme == "tls" and not (self.tls_cert and self.tls_key):
                 raise ConfigError("--listen", f"{url} needs --tls-cert and --tls-key")
-            if listener.scheme == "tls" and self.proxy_protocol != "off":
-                # The PROXY header precedes the TLS ClientHello, but the loop's TLS layer
-                # reads first: the two can't be combined on one listener.
-                raise ConfigError(
-                    "--proxy-protocol", f"not supported on TLS listeners ({url}); use tcp://"
-                )
+
+    @property
+    def alpn_protocols(self) -> list[str]:
+        """`tls_alpn` as a list, in the order given."""
+        return [part.strip() for part in self.tls_alpn.split(",") if part.strip()]
 
     @property
     def listeners(self) -> tuple[Listener, ...]:

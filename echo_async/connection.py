@@ -1,18 +1,33 @@
-"""One TCP connection's life: the `start_server` handler hands the transport to `EchoConnection`.
+"""One stream connection's life, as explicit states, and its byte path.
 
-Why a Protocol and not the handler's streams: `StreamReader.read()` copies every chunk into and out
-of a buffer and wakes a future, and `await drain()` per chunk costs a task switch. Handing the
+The `start_server` handler (see `state.py`) hands the transport to `EchoConnection`. Why a
+Protocol and not the handler's streams: `StreamReader.read()` copies every chunk into and out of
+a buffer and wakes a future, and `await drain()` per chunk costs a task switch. Handing the
 transport to a small Protocol keeps `asyncio.start_server` as the way connections come in while
 the byte path is one callback per chunk: count the bytes, write them back. Backpressure is the
 transport's own: when the client stops reading and our write buffer passes its high-water mark,
 `pause_writing` pauses reading from that client until the buffer drains.
+
+A connection moves through `State`s, forwards only:
+
+    HEADER (PROXY header) -> HANDSHAKE (tls://) -> OPEN -> FINISHING -> LINGERING -> CLOSED
+
+FINISHING echoes what the server's kernel had already received when the finish began (SIOCINQ),
+then sends EOF; LINGERING reads and drops what still arrives until the client closes, so the
+client gets every echoed byte and a clean EOF rather than a reset. A rejected connection goes
+straight to LINGERING without echoing anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
+import fcntl
 import ipaddress
 import math
+import struct
+import termios
 import time
 from typing import Any, Protocol
 
@@ -34,6 +49,7 @@ REASON_IDLE_TIMEOUT = "idle_timeout"
 REASON_MAX_LIFETIME = "max_lifetime"
 REASON_MAX_BYTES = "max_bytes"
 REASON_PROXY_HEADER = "proxy_header"
+REASON_TLS_HANDSHAKE = "tls_handshake"
 
 # How much one read into the shared buffer may return (both loops read up to 256 KiB themselves).
 READ_BUFFER_SIZE = 256 * 1024
@@ -43,14 +59,34 @@ BULK_READ = 64 * 1024
 _RESET_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, TimeoutError)
 
 
+class State(enum.Enum):
+    """Where a connection is in its life; see the module's docstring."""
+
+    HEADER = "header"
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    FINISHING = "finishing"
+    LINGERING = "lingering"
+    CLOSED = "closed"
+
+
 class ConnectionOwner(Protocol):
-    """What a connection reports to: the server that accepted it."""
+    """What a connection reports to: the server state that accepted it."""
+
+    def connection_opened(self, connection: EchoConnection) -> None:
+        """The connection starts echoing (after its PROXY header and TLS handshake)."""
 
     def connection_closed(self, connection: EchoConnection) -> None:
         """Account for, and log, a connection whose transport is gone."""
 
-    def proxy_rejected(self, connection: EchoConnection, detail: str) -> None:
-        """A connection without a valid PROXY header where one is required."""
+    def connection_rejected(self, connection: EchoConnection, reason: str, detail: str) -> None:
+        """Count a connection refused after admission (a bad PROXY header); it then lingers."""
+
+    def header_ended(self, connection: EchoConnection, payload: bytes) -> None:
+        """The PROXY header stage is over; `payload` is what followed it."""
+
+    def handshake_done(self, connection: EchoConnection, transport: asyncio.Transport) -> None:
+        """The TLS handshake succeeded: `transport` is the TLS transport; start echoing."""
 
 
 class ReadBuffer:
@@ -75,10 +111,10 @@ class ReadBuffer:
 class EchoConnection(asyncio.BaseProtocol):
     """The byte path of one client: every chunk received is written straight back.
 
-    `bytes_in` is the only per-chunk bookkeeping. Anything unusual (a `--max-bytes` budget,
-    finishing at shutdown or on a limit) lowers `byte_limit`, so the single comparison in
-    `data_received` sends the chunk down the slow path. Timers are not per connection: the
-    server's sweep reads `bytes_in` and `last_active` once in a while (see `limits.py`).
+    `bytes_in` is the only per-chunk bookkeeping. Every state but OPEN without a budget lowers
+    `byte_limit`, so the single comparison in `data_received` sends the chunk down the slow path
+    (`_over_limit`), which acts on `state`. Timers are not per connection: the server's sweep
+    reads `bytes_in` and `last_active` once in a while (see `limits.py`).
     """
 
     __slots__ = (
@@ -90,12 +126,14 @@ class EchoConnection(asyncio.BaseProtocol):
         "close_reason",
         "detail",
         "discarded",
+        "early",
+        "echo_limit",
         "finish_deadline",
+        "held",
         "kind",
         "last_active",
         "local",
         "lost",
-        "max_bytes",
         "opened_at",
         "owner",
         "peer",
@@ -103,6 +141,8 @@ class EchoConnection(asyncio.BaseProtocol):
         "proxy_parser",
         "proxy_required",
         "reads",
+        "state",
+        "tls",
         "transport",
         "unsent",
         "writer",
@@ -126,6 +166,7 @@ class EchoConnection(asyncio.BaseProtocol):
         # The handler's StreamWriter would close the transport when garbage collected while
         # it is open; release_stream_writer() makes it safe to drop (then None is kept here).
         self.writer = release_stream_writer(writer) if writer is not None else None
+        self.state = State.OPEN
         self.lost = False
         self.writing_paused = False
         self.buffered_seen = 0
@@ -138,14 +179,20 @@ class EchoConnection(asyncio.BaseProtocol):
         self.bytes_in_seen = 0
         self.discarded = 0
         self.unsent = 0
-        self.max_bytes = max_bytes
-        self.byte_limit: float = self._open_limit()
+        # The most bytes_in that will be echoed: the --max-bytes budget, or a finish's.
+        self.echo_limit: float = max_bytes if max_bytes else math.inf
+        self.byte_limit: float = self.echo_limit - 1
         self.finish_deadline = math.inf
         self.close_reason: str | None = None
         self.detail: str | None = None
         self.proxy: Any = None
         self.proxy_parser: ProxyHeaderParser | None = None
         self.proxy_required = False
+        self.tls: dict[str, str] | None = None
+        # During the TLS handshake: bytes read as plain TCP that belong to the TLS layer (see
+        # tls.upgrade), then application bytes that arrive before open() (echoed then).
+        self.early: bytearray | None = None
+        self.held: bytearray | None = None
 
     # -- the byte path -------------------------------------------------------------------------
 
@@ -166,35 +213,79 @@ class EchoConnection(asyncio.BaseProtocol):
             self.__class__ = BulkEchoConnection
             self.transport.set_protocol(self)
 
-    def expect_proxy_header(self, required: bool) -> None:
-        """Read a PROXY protocol header first (the slow path until it is parsed)."""
-        self.proxy_parser = ProxyHeaderParser()
-        self.proxy_required = required
-        self.byte_limit = -1
-
     def _over_limit(self, data: bytes) -> None:
-        if self.proxy_parser is not None:
+        state = self.state
+        if state is State.HEADER:
             self._proxy_data(data)
             return
-        if self.finish_deadline != math.inf:
-            # Finishing: our side already sent FIN, so what arrives is read and dropped rather
-            # than left unread (closing with unread data would reset the client's stream).
-            self.discarded += len(data)
+        size = len(data)
+        if state is State.HANDSHAKE:
+            self.bytes_in -= size
+            if self.early is not None:
+                self.early += data  # read before the TLS layer took the socket over: its own
+            elif self._handshake_is_done():
+                self.data_received(data)
+            elif self.held is not None:
+                self.held += data  # decrypted before the server could see the handshake end
             return
-        # The --max-bytes budget: echo exactly up to it, then finish.
-        allowed = self.max_bytes - (self.bytes_in - len(data))
-        if allowed > 0:
-            self.echo(data[:allowed])
-        self.discarded += len(data) - max(allowed, 0)
-        self.finish(REASON_MAX_BYTES, time.monotonic() + FINISH_TIMEOUT_S)
-
-    def _open_limit(self) -> float:
-        """`byte_limit` while echoing normally: the --max-bytes budget, or none."""
-        return self.max_bytes if self.max_bytes else math.inf
+        if state is State.OPEN or state is State.FINISHING:
+            # The echo budget (--max-bytes, or what a finish owes) ends in this chunk.
+            allowed = max(int(self.echo_limit) - (self.bytes_in - size), 0)
+            if allowed:
+                self.echo(data[:allowed] if allowed < size else data)
+            self.discarded += size - allowed
+            if self.bytes_in - size + allowed >= self.echo_limit:
+                if state is State.OPEN:
+                    self.close_reason = REASON_MAX_BYTES
+                    self.finish_deadline = time.monotonic() + FINISH_TIMEOUT_S
+                self._send_eof()
+            return
+        # Lingering: our side already sent FIN, so what arrives is read and dropped rather
+        # than left unread (closing with unread data would reset the client's stream).
+        self.discarded += size
 
     def echo(self, data: bytes) -> None:
         """Write echoed bytes (off the fast path; fault injection overrides it)."""
         self.transport.write(data)
+
+    # -- states --------------------------------------------------------------------------------
+
+    def expect_proxy_header(self, required: bool) -> None:
+        """Read a PROXY protocol header first (the slow path until it is parsed)."""
+        self.proxy_parser = ProxyHeaderParser()
+        self.proxy_required = required
+        self.state = State.HEADER
+        self.byte_limit = -1
+
+    def _handshake_is_done(self) -> bool:
+        """Application data or EOF came through TLS: the handshake is over, open now if we can."""
+        if self.state is State.HANDSHAKE and self.transport.get_extra_info("ssl_object"):
+            self.owner.handshake_done(self, self.transport)
+        return self.state is not State.HANDSHAKE
+
+    def open(self) -> None:
+        """Start echoing: the PROXY header and TLS handshake, if any, are behind us."""
+        self.state = State.OPEN
+        self.byte_limit = self.echo_limit - 1
+        self.owner.connection_opened(self)
+        held = self.held
+        if held:
+            self.held = None
+            self.data_received(bytes(held))
+        self.held = None
+
+    def take_early(self, tls_transport: asyncio.Transport | None) -> bytes:
+        """The TLS layer's bytes read so far; from now on, bytes received are application data.
+
+        `tls_transport` is where those go once the handshake is done (see tls.upgrade).
+        """
+        early = bytes(self.early) if self.early else b""
+        if self.early is not None:
+            self.early = None
+            self.held = bytearray()
+            if tls_transport is not None:
+                self.transport = tls_transport
+        return early
 
     def _proxy_data(self, data: bytes) -> None:
         # Header bytes are not payload: they are never echoed nor counted in bytes_in.
@@ -204,9 +295,9 @@ class EchoConnection(asyncio.BaseProtocol):
             result = self.proxy_parser.feed(data)
         except ProxyHeaderError as error:
             if self.proxy_required:
-                self.owner.proxy_rejected(self, str(error))
+                self.reject(REASON_PROXY_HEADER, str(error))
                 return
-            self._end_proxy_parsing(error.data)
+            self._end_header(error.data)
             return
         if result.status is ParseStatus.NEED_MORE:
             return
@@ -215,39 +306,89 @@ class EchoConnection(asyncio.BaseProtocol):
                 self.proxy = self.peer
                 self.peer = result.header.source
         elif self.proxy_required:
-            self.owner.proxy_rejected(self, "no PROXY header")
+            self.reject(REASON_PROXY_HEADER, "no PROXY header")
             return
-        self._end_proxy_parsing(result.rest)
+        self._end_header(result.rest)
 
     def proxy_timed_out(self) -> None:
         """The header did not arrive in time: reject (required) or echo what came (optional)."""
         if self.proxy_parser is None:
             return
         if self.proxy_required:
-            self.owner.proxy_rejected(self, "no PROXY header in time")
+            self.reject(REASON_PROXY_HEADER, "no PROXY header in time")
             return
-        self._end_proxy_parsing(self.proxy_parser.abandon())
+        self._end_header(self.proxy_parser.abandon())
 
-    def _end_proxy_parsing(self, payload: bytes) -> None:
+    def _end_header(self, payload: bytes) -> None:
         self.proxy_parser = None
-        if self.finish_deadline == math.inf:
-            self.byte_limit = self._open_limit()
-        if payload:
-            self.data_received(payload)
+        self.owner.header_ended(self, payload)
 
     def reject(self, reason: str, detail: str) -> None:
-        """Close without echoing anything more."""
+        """Refuse the connection: echo nothing, send EOF, drop what still arrives, then close."""
+        if self.state is State.LINGERING or self.state is State.CLOSED:
+            return
+        self.proxy_parser = None
         self.close_reason = reason
         self.detail = detail
-        self.proxy_parser = None
-        self.byte_limit = -1
-        # Discard whatever still arrives; the sweep aborts it only if it won't close by then.
+        self.echo_limit = self.bytes_in
         self.finish_deadline = time.monotonic() + FINISH_TIMEOUT_S
-        self.transport.close()
+        self.owner.connection_rejected(self, reason, detail)
+        self._send_eof()
+
+    def finish(self, reason: str, deadline: float) -> None:
+        """Stop echoing gracefully: what the server already received comes back, then EOF.
+
+        "Already received" is what this connection has read plus what the kernel (and a TLS
+        layer) holds unread right now; later bytes are read and dropped. Until `deadline`
+        (monotonic seconds) the connection lingers so the client gets every echoed byte and a
+        clean EOF, never a reset. The server's sweep aborts it at the deadline.
+        """
+        if self.state is State.HEADER:
+            self.proxy_timed_out()  # decide now: reject, or the bytes so far are payload
+        state = self.state
+        if state is State.HANDSHAKE:
+            # Nothing has been echoed yet: end the handshake (the handshake task accounts).
+            self.close_reason = reason
+            self.transport.close()
+            return
+        if state is State.OPEN:
+            self.finish_deadline = deadline
+            self.last_active = time.monotonic()
+            self.bytes_in_seen = self.bytes_in
+            if self.transport.is_closing():
+                # The client sent EOF: the transport closes once our queue is flushed.
+                self.state = State.LINGERING
+                self.byte_limit = -1
+                return
+            self.close_reason = reason
+            self.echo_limit = min(self.echo_limit, self.bytes_in + received_unread(self.transport))
+            self.byte_limit = self.echo_limit - 1
+            self.state = State.FINISHING
+            if self.bytes_in >= self.echo_limit:
+                self._send_eof()
+            return
+        if state is State.FINISHING or state is State.LINGERING:
+            self.finish_deadline = min(self.finish_deadline, deadline)
+
+    def _send_eof(self) -> None:
+        """FIN after everything queued; from now on arriving bytes are read and dropped."""
+        self.state = State.LINGERING
+        self.byte_limit = -1
+        self.last_active = time.monotonic()
+        self.bytes_in_seen = self.bytes_in
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if self.writing_paused:
+            transport.resume_reading()  # nothing more is echoed: keep draining the client
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()  # TLS: close_notify once flushed, then reads are dropped
 
     def pause_writing(self) -> None:
         self.writing_paused = True
-        if not self.transport.is_closing():
+        if self.state is not State.LINGERING and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -256,18 +397,25 @@ class EchoConnection(asyncio.BaseProtocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
-        if self.proxy_parser is not None:
+        if self.state is State.HANDSHAKE:
+            self._handshake_is_done()
+        if self.state is State.HEADER:
             if self.proxy_required:
-                self.owner.proxy_rejected(self, "EOF before a PROXY header")
+                self.reject(REASON_PROXY_HEADER, "EOF before a PROXY header")
                 return False
             # Optional mode: what looked like the start of a header is payload after all.
-            self._end_proxy_parsing(self.proxy_parser.abandon())
+            assert self.proxy_parser is not None
+            self._end_header(self.proxy_parser.abandon())
         if self.close_reason is None:
             self.close_reason = REASON_EOF
         # False: the transport closes itself once everything queued has been written.
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        state = self.state
+        self.lost = True
+        if state is State.CLOSED or state is State.HANDSHAKE:
+            return  # a handshake that did not complete is accounted by the handshake task
         if self.close_reason is None or (exc is not None and self.close_reason == REASON_EOF):
             if exc is None:
                 self.close_reason = REASON_CLOSED
@@ -275,52 +423,35 @@ class EchoConnection(asyncio.BaseProtocol):
                 self.close_reason = REASON_RESET
             else:
                 self.close_reason = REASON_ERROR
+        self.state = State.CLOSED
         self.writer = None
-        self.lost = True
         self.owner.connection_closed(self)
 
-    # -- control from the server ---------------------------------------------------------------
-
-    def finish(self, reason: str, deadline: float) -> None:
-        """Stop echoing: flush what is queued, send FIN, close when the client is done.
-
-        Until `deadline` (monotonic seconds) the connection lingers, reading and dropping what
-        the client still sends, so the client gets every echoed byte and a clean EOF, never a
-        reset. The server's sweep closes it once quiet, or aborts it at the deadline.
-        """
-        if self.finish_deadline != math.inf or self.transport.is_closing():
-            return
-        self.close_reason = reason
-        self.byte_limit = -1
-        self.finish_deadline = deadline
-        self.bytes_in_seen = self.bytes_in
-        self.last_active = time.monotonic()
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        else:
-            self.transport.close()
+    # -- control from the server's sweep -------------------------------------------------------
 
     def sweep(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
-        """Called by the server's sweep: note activity, enforce timers, end lingering finishes."""
+        """Note activity, enforce timers, end lingering finishes (called by the server's sweep)."""
         buffered = self.transport.get_write_buffer_size()
         if self.bytes_in != self.bytes_in_seen or buffered != self.buffered_seen:
             # Bytes came in, or our queue to the client moved: a slow reader is not idle.
             self.bytes_in_seen = self.bytes_in
             self.buffered_seen = buffered
             self.last_active = now
-        if self.finish_deadline != math.inf:
+        state = self.state
+        if state is State.OPEN:
+            if idle_timeout and now - self.last_active >= idle_timeout:
+                if buffered:
+                    self.abort(REASON_IDLE_TIMEOUT)  # it stopped reading too: nothing to wait for
+                else:
+                    self.finish(REASON_IDLE_TIMEOUT, now + FINISH_TIMEOUT_S)
+            elif max_lifetime and now - self.opened_at >= max_lifetime:
+                self.finish(REASON_MAX_LIFETIME, now + FINISH_TIMEOUT_S)
+        elif state is State.FINISHING or state is State.LINGERING:
             if now >= self.finish_deadline:
                 self.abort(self.close_reason or REASON_SHUTDOWN)
-            elif now - self.last_active >= LINGER_S and not buffered:
+            elif state is State.LINGERING and now - self.last_active >= LINGER_S and not buffered:
                 # Flushed, FIN sent, and nothing unread on our side: closing sends no reset.
                 self.transport.close()
-        elif idle_timeout and now - self.last_active >= idle_timeout:
-            if buffered:
-                self.abort(REASON_IDLE_TIMEOUT)  # it stopped reading too: nothing to wait for
-            else:
-                self.finish(REASON_IDLE_TIMEOUT, now + FINISH_TIMEOUT_S)
-        elif max_lifetime and now - self.opened_at >= max_lifetime:
-            self.finish(REASON_MAX_LIFETIME, now + FINISH_TIMEOUT_S)
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (TCP RST); bytes still queued are counted as unsent."""
@@ -345,6 +476,7 @@ class EchoConnection(asyncio.BaseProtocol):
     def record(self) -> dict[str, Any]:
         """The fields of this connection's close record (never the payload)."""
         record = {
+            "transport": self.kind,
             "peer": format_address(self.peer),
             "local": format_address(self.local),
             "bytes_in": self.bytes_in,
@@ -356,7 +488,36 @@ class EchoConnection(asyncio.BaseProtocol):
             record["proxy"] = format_address(self.proxy)
         if self.detail is not None:
             record["detail"] = self.detail
+        if self.tls is not None:
+            record.update(self.tls)
         return record
+
+
+def received_unread(transport: Any) -> int:
+    """Bytes from the client not yet delivered to the protocol: in the kernel, or a TLS layer.
+
+    The kernel's count is exact (SIOCINQ). A TLS layer holds ciphertext, which is a little more
+    than the plaintext it carries, so for tls:// this errs on the side of echoing a few bytes
+    too many rather than one too few.
+    """
+    unread = 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, ValueError):
+            pass
+        else:
+            unread = int(struct.unpack("i", raw)[0])
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is not None:
+        with contextlib.suppress(Exception):
+            unread += ssl_object.pending()
+        read_buffer_size = getattr(transport, "get_read_buffer_size", None)
+        if read_buffer_size is not None:
+            with contextlib.suppress(Exception):
+                unread += int(read_buffer_size())
+    return unread
 
 
 class BulkEchoConnection(EchoConnection, asyncio.BufferedProtocol):

@@ -19,7 +19,7 @@ import termios
 from typing import Any
 
 from echo_async.config import ServerConfig
-from echo_async.connection import EchoConnection
+from echo_async.connection import EchoConnection, State
 
 REASON_FAULT_RESET = "fault_reset"
 _RESET_POLL_S = 0.005
@@ -90,6 +90,11 @@ class FaultyConnection(EchoConnection):
         self.echo(data)
 
     def echo(self, data: bytes) -> None:
+        if self.state is not State.OPEN:
+            # Finishing (shutdown, a limit) overrides the fault timing: what finish() owes the
+            # client goes out now, behind what was held (finish() wrote that already).
+            self.transport.write(data)
+            return
         plan = self.plan
         if plan.reset_after:
             room = plan.reset_after - self.echoed

@@ -1,45 +1,33 @@
-"""EchoServer: runs one ServerConfig's listeners, tracks its connections, shuts down gracefully.
+"""EchoServer: starts one ServerConfig's listeners, closes them gracefully, reports stats.
 
 The server never touches process-wide state: no event loop policy, no signal handlers, no logging
 configuration. It logs through `structlog.get_logger("echo_async")`; the host application decides
-where those records go.
+where those records go. What happens to a connection, from accept to its close record, is
+`ServerState`'s (state.py); the server holds one Site per listener (sites.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
-import os
 import socket
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
-import structlog
-
-from echo_async.config import WORKER_ENVIRONMENT_VARIABLE, ServerConfig
-from echo_async.connection import (
-    LINGER_S,
-    REASON_LIMIT,
-    REASON_PROXY_HEADER,
-    REASON_SHUTDOWN,
-    EchoConnection,
-    ReadBuffer,
-    format_address,
-)
-from echo_async.faults import FaultPlan, FaultyConnection
-from echo_async.limits import Admission, DescriptorWatch, Sweeper, sweep_interval
+from echo_async.config import ServerConfig
+from echo_async.limits import Sweeper, sweep_interval
 from echo_async.listeners import is_loopback
 from echo_async.metrics import SYNC_INTERVAL_S, ServerMetrics, TransportTotals
-from echo_async.proxy_protocol import is_trusted, parse_networks
-from echo_async.sites import Site, open_site
+from echo_async.sites import Site, StreamHandler, open_inherited_site, open_site
+from echo_async.state import LOGGER_NAME, ServerState
 
-LOGGER_NAME = "echo_async"
-REASON_TLS_HANDSHAKE = "tls_handshake"
+__all__ = ["LOGGER_NAME", "EchoServer", "Stats"]
+
+# After the drain, how long close() lets listeners finish closing when no time is left.
+_LISTENER_GRACE_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +48,10 @@ class EchoServer:
     """An RFC 862 echo server on the running event loop, over every listener in its config.
 
     Use it as `async with EchoServer(config) as server:`; leaving the block closes it gracefully.
-    Or call `await start()` and later `await close()`. `sockets` are already-bound listening TCP
-    sockets to serve instead of `config`'s listeners (systemd socket activation, a supervisor's
-    shared socket). `metrics` receives the server's counters.
+    Or call `await start()` and later `await close()`. `sockets` are already-bound sockets to
+    serve instead of `config`'s listeners (systemd socket activation): each is served as the
+    kind of listener it is (TCP, TLS, Unix, UDP; see `sites.inherited_listener`). `metrics`
+    receives the server's counters.
     """
 
     def __init__(
@@ -76,31 +65,13 @@ class EchoServer:
         self.metrics = metrics
         self._sockets = list(sockets)
         self._sites: list[Site] = []
-        self._tls_context: ssl.SSLContext | None = None
-        self._connections: set[EchoConnection] = set()
-        self._reads = ReadBuffer()
-        self._admission = Admission(self.config)
-        self._descriptors = DescriptorWatch()
-        self._sweeper = Sweeper(sweep_interval(self.config), self._sweep)
+        self._state = ServerState(self.config, metrics)
+        self._sweeper = Sweeper(sweep_interval(self.config), self._tick)
         self._metrics_due = 0.0
-        self._fault_plan = FaultPlan(self.config) if self.config.faults_enabled else None
-        self._greetings: dict[Any, bytes] = {}
-        self._proxy_networks = (
-            parse_networks(self.config.proxy_trusted)
-            if self.config.proxy_protocol != "off"
-            else None
-        )
-        self._opened: dict[str, int] = {}
-        self._closed_bytes: dict[str, list[int]] = {}
-        self._connections_rejected = 0
         self._started_at = 0.0
         self._started = False
         self._closing = False
         self._closed = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._log: Any = structlog.get_logger(LOGGER_NAME)
-        self._log_opens = True
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -113,61 +84,51 @@ class EchoServer:
         if self._started:
             raise RuntimeError("EchoServer already started")
         self._started = True
-        # Bound here, not at import, so the host's logging configuration applies.
-        self._log = structlog.get_logger(LOGGER_NAME).bind()
-        enabled = getattr(self._log, "is_enabled_for", None)
-        # Per connection, the open record's formatting costs as much as the record: skip both
-        # when debug records are filtered out anyway.
-        self._log_opens = enabled(logging.DEBUG) if callable(enabled) else True
+        state = self._state
+        state.bind_logger()
+        log = state.log
         config = self.config
-        listeners = config.listeners
-        if any(listener.scheme == "tls" for listener in listeners):
+        if any(listener.scheme == "tls" for listener in config.listeners):
             from echo_async.tls import server_context
 
-            self._tls_context = server_context(config, self._handshake_failed)
+            state.tls_context = server_context(config)
         try:
             if self._sockets:
                 for sock in self._sockets:
-                    site = await open_site(
-                        listeners[0].with_port(0), config, self._handler("tcp"), self._log, sock
-                    )
+                    site = await open_inherited_site(sock, config, self._handler, log)
                     self._sites.append(site)
             else:
-                for listener in listeners:
+                for listener in config.listeners:
                     try:
-                        site = await open_site(
-                            listener,
-                            config,
-                            self._handler(listener.scheme),
-                            self._log,
-                            ssl_context=self._tls_context if listener.scheme == "tls" else None,
-                        )
+                        site = await open_site(listener, config, self._handler, log)
                     except OSError as error:
                         if error.filename is not None:
                             raise
                         # Name the listener that failed (asyncio's message has only an address).
                         raise OSError(error.errno, error.strerror, listener.url) from error
                     self._sites.append(site)
-                    if listener.scheme == "udp" and not is_loopback(listener.host):
-                        self._log.warning(
-                            "UDP echo listening beyond loopback: it can be abused for "
-                            "reflection; rate limits and loop protection apply",
-                            address=site.addresses[0],
-                            udp_rate=config.udp_rate,
-                        )
+            for site in self._sites:
+                if site.datagram is not None and not is_loopback(site.listener.host):
+                    log.warning(
+                        "UDP echo listening beyond loopback: it can be abused for "
+                        "reflection; rate limits and loop protection apply",
+                        address=site.addresses[0],
+                        udp_rate=config.udp_rate,
+                    )
         except BaseException:
             for site in self._sites:
                 site.close()
             for site in self._sites:
                 await site.wait_closed()
+                site.remove_files()
             self._sites.clear()
             raise
         self._started_at = time.monotonic()
         self._sweeper.start()
-        self._log.info("listening", addresses=self.addresses)
+        log.info("listening", addresses=self.addresses)
 
-    def _handler(self, scheme: str) -> Any:
-        return functools.partial(self._accept, scheme)
+    def _handler(self, kind: str) -> StreamHandler:
+        return functools.partial(self._state.accept, kind)
 
     async def serve_forever(self) -> None:
         """Wait until the server is closed (by `close()` elsewhere, or by leaving `async with`)."""
@@ -178,37 +139,46 @@ class EchoServer:
     async def close(self, timeout: float | None = None) -> None:
         """Stop accepting, let open connections finish echoing, abort the rest after `timeout` s.
 
-        Each open connection gets everything it already sent echoed back, then EOF; bytes that
-        arrive after that are read and dropped. Connections still open at the deadline (for
-        instance clients that stopped reading) are aborted. `timeout` defaults to the
-        configuration's `shutdown_timeout`.
+        Every byte the server had received from a client when the close began is echoed back,
+        then the client gets EOF; bytes that arrive after that are read and dropped. Connections
+        still open at the deadline (clients that stopped reading, TLS handshakes in flight) are
+        aborted, and close() returns by then. `timeout` defaults to the configuration's
+        `shutdown_timeout`.
         """
         if self._closing:
             await self._closed.wait()
             return
         self._closing = True
-        deadline_s = self.config.shutdown_timeout if timeout is None else timeout
+        timeout_s = self.config.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout_s
+        state = self._state
         try:
             for site in self._sites:
                 site.close()
-            if self._connections:
-                self._log.info(
+            if state.connections:
+                state.log.info(
                     "shutting down",
-                    connections_open=len(self._connections),
-                    shutdown_timeout_s=deadline_s,
+                    connections_open=len(state.connections),
+                    shutdown_timeout_s=timeout_s,
                 )
-            aborted = await self._drain(deadline_s)
+            aborted = await state.drain(deadline)
             self._sweeper.stop()
             for site in self._sites:
-                await site.wait_closed()
+                # Python 3.12+ waits here for every transport the listener accepted: bounded.
+                remaining = max(deadline - time.monotonic(), _LISTENER_GRACE_S)
+                try:
+                    await asyncio.wait_for(site.wait_closed(), remaining)
+                except TimeoutError:
+                    state.log.warning("listener did not close in time", address=site.addresses)
+                site.remove_files()
             self._sync_metrics()
             for site in self._sites:
                 if site.datagram is not None:
-                    self._log.info(
+                    state.log.info(
                         "udp summary", address=site.addresses[0], **site.datagram.summary()
                     )
             stats = self.stats
-            self._log.info(
+            state.log.info(
                 "server closed",
                 connections_total=stats.connections_total,
                 connections_rejected=stats.connections_rejected,
@@ -221,32 +191,9 @@ class EchoServer:
             self._sweeper.stop()
             self._closed.set()
 
-    async def _drain(self, timeout: float) -> int:
-        """Finish every connection, wait for them to end, abort the rest at the deadline."""
-        deadline = time.monotonic() + timeout
-        for connection in list(self._connections):
-            connection.finish(REASON_SHUTDOWN, deadline)
-        while self._connections:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(self._idle.wait(), min(LINGER_S / 2, remaining))
-            except TimeoutError:
-                now = time.monotonic()
-                for connection in list(self._connections):
-                    connection.sweep(now, 0.0, 0.0)
-        aborted = len(self._connections)
-        if aborted:
-            self.abort_connections()
-            # connection_lost arrives on the next loop iterations.
-            await self._idle.wait()
-        return aborted
-
     def abort_connections(self) -> None:
         """Abort every open connection now (reason `shutdown`); used to cut a drain short."""
-        for connection in list(self._connections):
-            connection.abort(REASON_SHUTDOWN)
+        self._state.abort_all()
 
     async def __aenter__(self) -> EchoServer:
         await self.start()
@@ -292,7 +239,7 @@ class EchoServer:
             connections_total=sum(t.total for t in totals.values()),
             bytes_in=sum(t.bytes_in for t in totals.values()),
             bytes_out=sum(t.bytes_out for t in totals.values()),
-            connections_rejected=self._connections_rejected,
+            connections_rejected=self._state.rejected,
             datagrams_in=sum(d.datagrams_in for d in datagrams),
             datagrams_out=sum(d.datagrams_out for d in datagrams),
             datagrams_dropped=sum(sum(d.dropped.values()) for d in datagrams),
@@ -300,24 +247,7 @@ class EchoServer:
 
     def transport_totals(self) -> dict[str, TransportTotals]:
         """Counters per transport (`tcp`, `tls`, `unix`, `udp`), for metrics."""
-        active: dict[str, int] = {}
-        live: dict[str, list[int]] = {}
-        for connection in self._connections:
-            kind = connection.kind
-            active[kind] = active.get(kind, 0) + 1
-            sums = live.setdefault(kind, [0, 0])
-            sums[0] += connection.bytes_in
-            sums[1] += connection.bytes_out - connection.transport.get_write_buffer_size()
-        totals = {}
-        for kind in set(self._opened) | set(live):
-            closed = self._closed_bytes.get(kind, [0, 0])
-            sums = live.get(kind, [0, 0])
-            totals[kind] = TransportTotals(
-                active.get(kind, 0),
-                self._opened.get(kind, 0),
-                closed[0] + sums[0],
-                closed[1] + sums[1],
-            )
+        totals = self._state.transport_totals()
         for site in self._sites:
             if site.datagram is not None:
                 previous = totals.get("udp", TransportTotals(0, 0, 0, 0))
@@ -336,140 +266,11 @@ class EchoServer:
                     return address
         raise RuntimeError("EchoServer is not started or has no IP listener")
 
-    # -- connections ---------------------------------------------------------------------------
+    # -- the sweep -----------------------------------------------------------------------------
 
-    def _accept(self, kind: str, reader: asyncio.StreamReader, writer: Any) -> None:
-        # A plain function, not a coroutine: start_server then creates no Task per connection.
-        # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
-        transport = cast(asyncio.Transport, writer.transport)
-        if self._closing:
-            # Accepted by the kernel before close() stopped the listener: not served.
-            transport.close()
-            return
-        peer = transport.get_extra_info("peername")
-        host = _host_of(peer)
-        if not self._admit(transport, peer, host):
-            return
-        connection: EchoConnection
-        if self._fault_plan is None:
-            connection = EchoConnection(
-                self, transport, writer, peer, self.config.max_bytes, kind, self._reads
-            )
-        else:
-            serial = sum(self._opened.values())
-            connection = FaultyConnection(
-                self,
-                transport,
-                writer,
-                peer,
-                self.config.max_bytes,
-                kind,
-                self._reads,
-                plan=self._fault_plan,
-                serial=serial,
-            )
-        connection.admitted_host = host
-        transport.set_protocol(connection)
-        if self._proxy_networks is not None and kind != "unix":
-            if is_trusted(host, self._proxy_networks):
-                connection.expect_proxy_header(self.config.proxy_protocol == "required")
-            elif self.config.proxy_protocol == "required":
-                self._register(connection, greet=False)
-                self.proxy_rejected(connection, "PROXY header from an untrusted source")
-                return
-        self._register(connection)
-
-    def _admit(self, transport: asyncio.Transport, peer: Any, host: str) -> bool:
-        rejection = self._admission.admit(len(self._connections), host)
-        if rejection is None:
-            return True
-        transport.close()
-        self._connections_rejected += 1
-        if self.metrics is not None:
-            self.metrics.rejected(rejection)
-        self._log.info(
-            "connection rejected",
-            peer=format_address(peer),
-            local=format_address(transport.get_extra_info("sockname")),
-            bytes_in=0,
-            bytes_out=0,
-            duration_s=0.0,
-            reason=REASON_LIMIT,
-            limit=rejection,
-        )
-        return False
-
-    def _register(self, connection: EchoConnection, greet: bool = True) -> None:
-        connection.transport.set_write_buffer_limits(high=self.config.write_buffer_high)
-        if greet and self.config.greeting:
-            connection.transport.write(self._greeting(connection.local))
-        self._connections.add(connection)
-        self._opened[connection.kind] = self._opened.get(connection.kind, 0) + 1
-        self._idle.clear()
-        if self._log_opens:
-            self._log.debug("connection opened", peer=format_address(connection.peer))
-
-    def proxy_rejected(self, connection: EchoConnection, detail: str) -> None:
-        self._connections_rejected += 1
-        if self.metrics is not None:
-            self.metrics.rejected(REASON_PROXY_HEADER)
-        connection.reject(REASON_PROXY_HEADER, detail)
-
-    def _greeting(self, local: Any) -> bytes:
-        greeting = self._greetings.get(local)
-        if greeting is None:
-            port = local[1] if isinstance(local, tuple) else ""
-            text = self.config.greeting.format(
-                hostname=socket.gethostname(),
-                pid=os.getpid(),
-                port=port,
-                worker=os.environ.get(WORKER_ENVIRONMENT_VARIABLE, "0"),
-            )
-            greeting = self._greetings[local] = text.encode("utf-8") + b"\n"
-        return greeting
-
-    def _handshake_failed(self, detail: str) -> None:
-        # Called from inside the loop's TLS layer, which knows no peer address at that point.
-        self._connections_rejected += 1
-        if self.metrics is not None:
-            self.metrics.rejected(REASON_TLS_HANDSHAKE)
-        self._log.info("tls handshake failed", reason=REASON_TLS_HANDSHAKE, error=detail)
-
-    def connection_closed(self, connection: EchoConnection) -> None:
-        self._connections.discard(connection)
-        self._admission.release(connection.admitted_host)
-        closed = self._closed_bytes.setdefault(connection.kind, [0, 0])
-        closed[0] += connection.bytes_in
-        closed[1] += connection.bytes_out
-        record = connection.record()
-        if self.metrics is not None:
-            self.metrics.closed(connection.kind, record["duration_s"])
-            for kind, count in record.get("faults_injected", {}).items():
-                self.metrics.faults(kind, count)
-        self._log.info("connection closed", **record)
-        if not self._connections:
-            self._idle.set()
-
-    def _sweep(self) -> None:
+    def _tick(self) -> None:
         now = time.monotonic()
-        config = self.config
-        proxy_deadline = now - config.proxy_header_timeout
-        for connection in list(self._connections):
-            if connection.proxy_parser is not None and connection.opened_at <= proxy_deadline:
-                connection.proxy_timed_out()
-            connection.sweep(now, config.idle_timeout, config.max_lifetime)
-        change = self._descriptors.check()
-        if change == "exhausted":
-            self._log.warning(
-                "out of file descriptors; new connections are dropped until some close",
-                connections_open=len(self._connections),
-                episode=self._descriptors.episodes,
-            )
-        elif change == "recovered":
-            self._log.info(
-                "file descriptors available again; accepting",
-                episode=self._descriptors.episodes,
-            )
+        self._state.sweep(now)
         for site in self._sites:
             if site.datagram is not None and len(site.datagram.buckets) > 1024:
                 site.datagram.prune(now)
@@ -491,9 +292,3 @@ class EchoServer:
             datagrams_out=sum(d.datagrams_out for d in datagrams),
             datagrams_dropped=dropped,
         )
-
-
-def _host_of(peer: Any) -> str:
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return ""

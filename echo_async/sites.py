@@ -1,8 +1,10 @@
-"""Sites: one open listener each (TCP, TLS, Unix or UDP), started and closed by EchoServer.
+"""Sites: one open listener each, started and closed by EchoServer.
 
-A site is a value the server holds, not a branch inside it: `open_site()` binds a Listener and
-returns a Site that knows its bound addresses and how to close. For TLS sites the loop runs the
-handshake; failures are reported through the context's observer (see `tls.py`).
+A site is a value the server holds, one class per kind of listener, not a branch inside the
+server: `StreamSite` serves tcp://, tls:// and unix:// through `asyncio.start_server` (tls://
+is accepted plain and upgraded by the server's state, so its limits count handshakes);
+`DatagramSite` serves udp://. `open_site()` binds a Listener; `open_inherited_site()` serves a
+socket someone else bound (systemd socket activation) as the kind of listener it is.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import asyncio
 import contextlib
 import os
 import socket
-import ssl
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from echo_async.config import ConfigError, ServerConfig
@@ -22,28 +23,17 @@ from echo_async.listeners import Listener
 from echo_async.udp import DatagramEcho
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
+HandlerFor = Callable[[str], StreamHandler]
 
 
 class Site:
-    """A bound listener: its asyncio.Server, or its datagram endpoint."""
+    """A bound listener: where it listens, how to stop it."""
 
-    def __init__(
-        self,
-        listener: Listener,
-        server: asyncio.Server | None = None,
-        datagram: DatagramEcho | None = None,
-        unix_inode: int | None = None,
-    ) -> None:
+    datagram: DatagramEcho | None = None
+
+    def __init__(self, listener: Listener, bound: list[Any]) -> None:
         self.listener = listener
-        self.server = server
-        self.datagram = datagram
-        self.unix_inode = unix_inode
-        if server is not None:
-            self.bound = [sock.getsockname() for sock in server.sockets]
-        elif datagram is not None and datagram.own is not None:
-            self.bound = [datagram.own]
-        else:
-            self.bound = []
+        self.bound = bound
 
     @property
     def addresses(self) -> list[str]:
@@ -53,45 +43,71 @@ class Site:
 
     def close(self) -> None:
         """Stop accepting (stream) or receiving (datagram)."""
-        if self.server is not None:
-            self.server.close()
-        if self.datagram is not None and self.datagram.transport is not None:
-            self.datagram.transport.close()
 
     async def wait_closed(self) -> None:
-        if self.server is not None:
-            await self.server.wait_closed()
+        """Wait until the listener is gone (the caller bounds the wait)."""
+
+    def remove_files(self) -> None:
+        """Remove what the site created on disk (a Unix socket file)."""
+
+
+class StreamSite(Site):
+    """tcp://, tls:// or unix:// through an asyncio.Server."""
+
+    def __init__(
+        self, listener: Listener, server: asyncio.Server, unix_inode: int | None = None
+    ) -> None:
+        super().__init__(listener, [sock.getsockname() for sock in server.sockets])
+        self.server = server
+        self.unix_inode = unix_inode
+
+    def close(self) -> None:
+        self.server.close()
+
+    async def wait_closed(self) -> None:
+        await self.server.wait_closed()
+
+    def remove_files(self) -> None:
         if self.unix_inode is not None:
             # Remove the socket file only if it is still the one we created.
             with contextlib.suppress(OSError):
                 if os.lstat(self.listener.path).st_ino == self.unix_inode:
                     os.unlink(self.listener.path)
+            self.unix_inode = None
+
+
+class DatagramSite(Site):
+    """udp:// through a datagram endpoint."""
+
+    def __init__(self, listener: Listener, datagram: DatagramEcho) -> None:
+        super().__init__(listener, [datagram.own] if datagram.own is not None else [])
+        self.datagram = datagram
+
+    def close(self) -> None:
+        assert self.datagram is not None
+        if self.datagram.transport is not None:
+            self.datagram.transport.close()
 
 
 async def open_site(
-    listener: Listener,
-    config: ServerConfig,
-    handler: StreamHandler,
-    log: Any,
-    sock: socket.socket | None = None,
-    ssl_context: ssl.SSLContext | None = None,
+    listener: Listener, config: ServerConfig, handler_for: HandlerFor, log: Any
 ) -> Site:
-    """Bind `listener` and start serving it; OSError or ConfigError when it can't be bound.
-
-    For tls:// the loop runs the handshake (with `config.tls_handshake_timeout`) and the handler
-    sees only connections whose handshake succeeded.
-    """
+    """Bind `listener` and start serving it; OSError or ConfigError when it can't be bound."""
     if listener.scheme == "unix":
-        return await _open_unix(listener, config, handler)
+        path = listener.path
+        _clear_stale_socket(listener)
+        server = await asyncio.start_unix_server(handler_for("unix"), path, backlog=config.backlog)
+        os.chmod(path, int(config.unix_mode, 8))
+        return StreamSite(listener, server, unix_inode=os.lstat(path).st_ino)
     if listener.scheme == "udp":
+        if listener.host == "::":
+            sock = _dual_stack_socket(socket.SOCK_DGRAM, listener.port, config.reuse_port)
+            return await _open_datagram(listener, config, log, sock=sock)
         return await _open_datagram(listener, config, log)
-    if sock is None and listener.host == "::":
+    handler = handler_for(listener.scheme)
+    if listener.host == "::":
         sock = _dual_stack_socket(socket.SOCK_STREAM, listener.port, config.reuse_port)
-    tls: dict[str, Any] = {}
-    if ssl_context is not None:
-        tls = {"ssl": ssl_context, "ssl_handshake_timeout": config.tls_handshake_timeout}
-    if sock is not None:
-        server = await asyncio.start_server(handler, sock=sock, backlog=config.backlog, **tls)
+        server = await asyncio.start_server(handler, sock=sock, backlog=config.backlog)
     else:
         server = await asyncio.start_server(
             handler,
@@ -100,9 +116,56 @@ async def open_site(
             backlog=config.backlog,
             reuse_address=True,
             reuse_port=config.reuse_port or None,
-            **tls,
         )
-    return Site(listener, server=server)
+    return StreamSite(listener, server)
+
+
+async def open_inherited_site(
+    sock: socket.socket, config: ServerConfig, handler_for: HandlerFor, log: Any
+) -> Site:
+    """Serve an already-bound socket (socket activation, a supervisor) as what it is."""
+    listener = inherited_listener(sock, config.listeners)
+    if listener.scheme == "udp":
+        return await _open_datagram(listener, config, log, sock=sock)
+    handler = handler_for(listener.scheme)
+    if listener.scheme == "unix":
+        server = await asyncio.start_unix_server(handler, sock=sock, backlog=config.backlog)
+    else:
+        server = await asyncio.start_server(handler, sock=sock, backlog=config.backlog)
+    return StreamSite(listener, server)
+
+
+def inherited_listener(sock: socket.socket, configured: Sequence[Listener]) -> Listener:
+    """The listener an inherited socket is: from its family and type, and for TCP the config.
+
+    A TCP socket is tls:// when the configured tcp:// and tls:// listeners say so: the one with
+    the socket's port, else the only scheme configured. Raises ConfigError for a socket that
+    can't be served or whose scheme is ambiguous.
+    """
+    where = f"inherited socket (fd {sock.fileno()})"
+    if sock.family == socket.AF_UNIX:
+        if sock.type != socket.SOCK_STREAM:
+            raise ConfigError("LISTEN_FDS", f"{where}: only stream Unix sockets can be served")
+        name = sock.getsockname()
+        path = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        return Listener("unix", path=path or "(unnamed)")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ConfigError("LISTEN_FDS", f"{where}: address family {sock.family!r} is not served")
+    host, port = sock.getsockname()[:2]
+    if sock.type == socket.SOCK_DGRAM:
+        return Listener("udp", host, port)
+    if sock.type != socket.SOCK_STREAM:
+        raise ConfigError("LISTEN_FDS", f"{where}: socket type {sock.type!r} is not served")
+    streams = [listener for listener in configured if listener.scheme in ("tcp", "tls")]
+    by_port = {listener.scheme for listener in streams if listener.port == port}
+    schemes = by_port or {listener.scheme for listener in streams} or {"tcp"}
+    if len(schemes) > 1:
+        raise ConfigError(
+            "--listen",
+            f"{where} on {format_address((host, port))}: both tcp:// and tls:// listeners are "
+            f"configured and none has port {port}; list it as tcp:// or tls:// with that port",
+        )
+    return Listener(schemes.pop(), host, port)
 
 
 def _dual_stack_socket(kind: socket.SocketKind, port: int, reuse_port: bool) -> socket.socket:
@@ -121,14 +184,6 @@ def _dual_stack_socket(kind: socket.SocketKind, port: int, reuse_port: bool) -> 
         sock.close()
         raise
     return sock
-
-
-async def _open_unix(listener: Listener, config: ServerConfig, handler: StreamHandler) -> Site:
-    path = listener.path
-    _clear_stale_socket(listener)
-    server = await asyncio.start_unix_server(handler, path, backlog=config.backlog)
-    os.chmod(path, int(config.unix_mode, 8))
-    return Site(listener, server=server, unix_inode=os.lstat(path).st_ino)
 
 
 def _clear_stale_socket(listener: Listener) -> None:
@@ -151,13 +206,15 @@ def _clear_stale_socket(listener: Listener) -> None:
     raise ConfigError("--listen", f"{listener.url}: another process is listening on {path}")
 
 
-async def _open_datagram(listener: Listener, config: ServerConfig, log: Any) -> Site:
+async def _open_datagram(
+    listener: Listener, config: ServerConfig, log: Any, sock: socket.socket | None = None
+) -> Site:
     loop = asyncio.get_running_loop()
     protocol = DatagramEcho(
         config.udp_rate, config.udp_burst, log, drop=config.fault_drop, seed=config.fault_seed
     )
-    if listener.host == "::":
-        sock = _dual_stack_socket(socket.SOCK_DGRAM, listener.port, config.reuse_port)
+    if sock is not None:
+        sock.setblocking(False)
         await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
     else:
         await loop.create_datagram_endpoint(
@@ -165,4 +222,4 @@ async def _open_datagram(listener: Listener, config: ServerConfig, log: Any) -> 
             local_addr=(listener.host, listener.port),
             reuse_port=config.reuse_port or None,
         )
-    return Site(listener, datagram=protocol)
+    return DatagramSite(listener, protocol)

@@ -63,7 +63,7 @@ async def test_a_bulk_transfer_reads_in_place_and_comes_back_exact(server: EchoS
     writer.write(payload)
     echoed = await reader.readexactly(len(payload))
     assert echoed == payload
-    (connection,) = server._connections
+    (connection,) = server._state.connections
     assert type(connection) is BulkEchoConnection
     # Small chunks after the switch still come straight back.
     writer.write(b"small")
@@ -77,7 +77,7 @@ async def test_small_chunks_keep_the_plain_path(server: EchoServer) -> None:
     for _ in range(50):
         writer.write(b"x" * 1024)
         assert await reader.readexactly(1024) == b"x" * 1024
-    (connection,) = server._connections
+    (connection,) = server._state.connections
     assert type(connection) is EchoConnection
     writer.close()
     await writer.wait_closed()
@@ -149,7 +149,7 @@ async def test_shutdown_during_a_bulk_transfer_flushes_then_sends_eof(
     received = bytearray()
     while len(received) < 2 * MiB:
         received += await reader.read(MiB)
-    (connection,) = server._connections
+    (connection,) = server._state.connections
     assert type(connection) is BulkEchoConnection
     closing = asyncio.create_task(server.close())
     while chunk := await reader.read(MiB):
@@ -200,7 +200,9 @@ async def test_bulk_over_tls_and_unix_comes_back_exact(
         )
         assert tls_echo == payload
         assert unix_echo == payload[::-1]
-        assert {type(connection) for connection in server._connections} == {BulkEchoConnection}
+        assert {type(connection) for connection in server._state.connections} == {
+            BulkEchoConnection
+        }
         for stream in (writer, unix_writer):
             stream.close()
 
@@ -213,7 +215,7 @@ async def test_a_connection_with_faults_never_reads_in_place() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(payload)
         assert await reader.readexactly(len(payload)) == payload
-        (connection,) = server._connections
+        (connection,) = server._state.connections
         assert type(connection) is FaultyConnection
         writer.close()
         await writer.wait_closed()

@@ -55,8 +55,15 @@ def test_every_option_has_a_flag_and_a_variable() -> None:
     assert option_flag("shutdown_timeout") == "--shutdown-timeout"
 
 
-def test_proxy_protocol_is_refused_on_tls_listeners() -> None:
-    with pytest.raises(ConfigError, match="--proxy-protocol: not supported on TLS listeners"):
-        ServerConfig(
-            listen=("tls://127.0.0.1:0",), tls_cert="c", tls_key="k", proxy_protocol="required"
-        )
+def test_proxy_protocol_is_allowed_on_tls_listeners() -> None:
+    config = ServerConfig(
+        listen=("tls://127.0.0.1:0",), tls_cert="c", tls_key="k", proxy_protocol="required"
+    )
+    assert config.proxy_protocol == "required"
+
+
+def test_tls_alpn_is_a_comma_separated_list() -> None:
+    assert ServerConfig(tls_alpn="echo, h2").alpn_protocols == ["echo", "h2"]
+    assert ServerConfig().alpn_protocols == []
+    with pytest.raises(ConfigError, match="--tls-alpn"):
+        ServerConfig(tls_alpn="x" * 256)

@@ -113,7 +113,7 @@ async def test_thousand_concurrent_clients_every_byte_checked(server: EchoServer
 async def test_accepted_sockets_have_tcp_nodelay(server: EchoServer) -> None:
     _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     await wait_for(lambda: server.stats.connections_active == 1)
-    (connection,) = server._connections
+    (connection,) = server._state.connections
     sock: Any = connection.transport.get_extra_info("socket")
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     writer.close()

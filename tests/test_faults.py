@@ -154,7 +154,7 @@ async def test_backpressure_holds_with_faults_on() -> None:
             previous = server.stats.bytes_in
             await asyncio.sleep(0.3)
             assert loop.time() < deadline, "the server never stopped reading"
-        (connection,) = server._connections
+        (connection,) = server._state.connections
         held = connection.transport.get_write_buffer_size() + connection.pending_bytes  # type: ignore[attr-defined]
         assert held <= config.write_buffer_high * 2 + 1024 * 1024
         writer.transport.abort()

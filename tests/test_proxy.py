@@ -9,6 +9,7 @@ import socket
 import struct
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from echo_async import EchoServer, ServerConfig
@@ -138,13 +139,42 @@ async def test_header_timeout(logs: list[dict[str, Any]]) -> None:
         writer.close()
 
 
-async def test_greeting_and_proxy_together(logs: list[dict[str, Any]]) -> None:
+async def test_the_greeting_waits_for_the_proxy_header(logs: list[dict[str, Any]]) -> None:
     async with EchoServer(config("required", greeting="b1")) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        assert await reader.readline() == b"b1\n"
+        # Server-speaks-first behind a proxy: nothing before the header has arrived.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.3)
         writer.write(b"PROXY TCP4 203.0.113.7 192.0.2.1 51234 12000\r\nping")
-        assert await reader.readexactly(4) == b"ping"
+        assert await asyncio.wait_for(reader.readline(), 5) == b"b1\n"
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
         writer.close()
+
+
+async def test_a_client_rejected_for_its_header_gets_no_byte_at_all() -> None:
+    async with EchoServer(config("required", greeting="backend-a")) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+
+async def test_a_rejection_lingers_instead_of_resetting_the_client() -> None:
+    # A bad header with data behind it: the server reads and drops the data, sends EOF and
+    # closes once the client is done, so the client sees EOF, never ECONNRESET.
+    async with EchoServer(config("required")) as server:
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"PROXY TCP9 bad header\r\n" + os.urandom(200_000))
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.write(os.urandom(10_000))  # still sending after the server's EOF
+            await writer.drain()
+            writer.write_eof()
+            await asyncio.sleep(0)
+            writer.close()
+            await writer.wait_closed()
+        assert server.stats.connections_rejected == 10
 
 
 async def test_rejected_untrusted_connections_get_no_greeting() -> None:

@@ -221,7 +221,7 @@ async def test_a_connection_accepted_while_closing_is_not_left_behind() -> None:
         await server.close()
         for _ in range(10):  # let any late connection_made run
             await asyncio.sleep(0)
-        assert not server._connections
+        assert not server._state.connections
         client.close()
 
 

@@ -1,0 +1,361 @@
+"""ServerState: one server's connections, from accept to close record.
+
+It owns the set of open connections (TLS handshakes and PROXY headers in progress included),
+admission against the limits, the TLS upgrade tasks, the accounting behind `Stats` and metrics,
+the periodic sweep of timers and the drain at shutdown. `EchoServer` owns the listeners and
+calls in here; a connection (`connection.py`) reports its transitions back through the
+`ConnectionOwner` methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import time
+from typing import Any, cast
+
+import structlog
+
+from echo_async.config import WORKER_ENVIRONMENT_VARIABLE, ServerConfig
+from echo_async.connection import (
+    LINGER_S,
+    REASON_LIMIT,
+    REASON_SHUTDOWN,
+    REASON_TLS_HANDSHAKE,
+    EchoConnection,
+    ReadBuffer,
+    State,
+    format_address,
+)
+from echo_async.faults import FaultPlan, FaultyConnection
+from echo_async.limits import Admission, DescriptorWatch
+from echo_async.metrics import ServerMetrics, TransportTotals
+from echo_async.proxy_protocol import is_trusted, parse_networks
+from echo_async.tls import handshake_error, session_fields, upgrade
+
+LOGGER_NAME = "echo_async"
+# After aborting what the deadline left, how long close() lets the loop deliver connection_lost.
+ABORT_GRACE_S = 0.1
+
+
+class ServerState:
+    """The connections of one EchoServer and everything counted about them."""
+
+    def __init__(self, config: ServerConfig, metrics: ServerMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.connections: set[EchoConnection] = set()
+        self.tls_context: ssl.SSLContext | None = None
+        self.log: Any = structlog.get_logger(LOGGER_NAME)
+        self.log_opens = True
+        self.opened: dict[str, int] = {}
+        self.closed_bytes: dict[str, list[int]] = {}
+        self.rejected = 0
+        self.closing = False
+        self.closed = False
+        self.drain_deadline = 0.0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.descriptors = DescriptorWatch()
+        self._reads = ReadBuffer()
+        self._admission = Admission(config)
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._fault_plan = FaultPlan(config) if config.faults_enabled else None
+        self._greetings: dict[Any, bytes] = {}
+        self._proxy_networks = (
+            parse_networks(config.proxy_trusted) if config.proxy_protocol != "off" else None
+        )
+
+    def bind_logger(self) -> None:
+        """Take the logger now (at start), so the host's logging configuration applies."""
+        self.log = structlog.get_logger(LOGGER_NAME).bind()
+        enabled = getattr(self.log, "is_enabled_for", None)
+        # Per connection, the open record's formatting costs as much as the record: skip both
+        # when debug records are filtered out anyway.
+        self.log_opens = enabled(logging.DEBUG) if callable(enabled) else True
+
+    # -- accept --------------------------------------------------------------------------------
+
+    def accept(self, kind: str, reader: asyncio.StreamReader, writer: Any) -> None:
+        """The `start_server` handler: admit the socket, then header, handshake, echo.
+
+        A plain function, not a coroutine: start_server then creates no Task per connection.
+        uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
+        """
+        transport = cast(asyncio.Transport, writer.transport)
+        if self.closed:
+            # Accepted by the kernel after close() returned: nobody is left to drain it.
+            transport.abort()
+            return
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) else ""
+        rejection = self._admission.admit(len(self.connections), host)
+        if rejection is not None:
+            self._refuse(kind, transport, peer, rejection)
+            return
+        connection: EchoConnection
+        if self._fault_plan is None:
+            connection = EchoConnection(
+                self, transport, writer, peer, self.config.max_bytes, kind, self._reads
+            )
+        else:
+            connection = FaultyConnection(
+                self,
+                transport,
+                writer,
+                peer,
+                self.config.max_bytes,
+                kind,
+                self._reads,
+                plan=self._fault_plan,
+                serial=sum(self.opened.values()),
+            )
+        connection.admitted_host = host
+        self.connections.add(connection)
+        self.opened[kind] = self.opened.get(kind, 0) + 1
+        self.idle.clear()
+        transport.set_protocol(connection)
+        if self._proxy_networks is not None and kind != "unix":
+            if is_trusted(host, self._proxy_networks):
+                connection.expect_proxy_header(self.config.proxy_protocol == "required")
+            elif self.config.proxy_protocol == "required":
+                connection.reject("proxy_header", "PROXY header from an untrusted source")
+            else:
+                self.header_ended(connection, b"")
+        elif kind == "tls":
+            self.header_ended(connection, b"")
+        else:
+            self.connection_opened(connection)
+        if self.closing:
+            # Accepted while draining: it is served like the others, finished at once.
+            connection.finish(REASON_SHUTDOWN, self.drain_deadline)
+
+    def _refuse(self, kind: str, transport: asyncio.Transport, peer: Any, rejection: str) -> None:
+        transport.close()
+        self.rejected += 1
+        if self.metrics is not None:
+            self.metrics.rejected(rejection)
+        self.log.info(
+            "connection rejected",
+            transport=kind,
+            peer=format_address(peer),
+            local=format_address(transport.get_extra_info("sockname")),
+            bytes_in=0,
+            bytes_out=0,
+            duration_s=0.0,
+            reason=REASON_LIMIT,
+            limit=rejection,
+        )
+
+    # -- what connections report (ConnectionOwner) ---------------------------------------------
+
+    def header_ended(self, connection: EchoConnection, payload: bytes) -> None:
+        """After the PROXY header (or at once): TLS handshake for tls://, else echo `payload`."""
+        if connection.kind != "tls":
+            connection.open()
+            if payload:
+                connection.data_received(payload)
+            return
+        if self.tls_context is None:  # pragma: no cover - EchoServer builds it for tls://
+            raise RuntimeError("a tls:// connection without a TLS context")
+        # Nothing more may be read as plain bytes: from here on the TLS layer reads.
+        connection.transport.pause_reading()
+        connection.state = State.HANDSHAKE
+        connection.byte_limit = -1
+        connection.early = bytearray(payload)
+        task = asyncio.get_running_loop().create_task(self._handshake(connection, self.tls_context))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, connection: EchoConnection, context: ssl.SSLContext) -> None:
+        plain = connection.transport
+        timeout = self.config.tls_handshake_timeout
+        error: BaseException | None = None
+        transport = None
+        try:
+            transport = await upgrade(plain, connection, context, timeout, connection.take_early)
+        except asyncio.CancelledError as cancelled:
+            error = cancelled
+        except Exception as failure:
+            error = failure
+        if transport is None:
+            plain.abort()
+            self._handshake_failed(connection, handshake_error(error, timeout))
+            if isinstance(error, asyncio.CancelledError):
+                raise error
+            return
+        self.handshake_done(connection, transport)
+
+    def handshake_done(self, connection: EchoConnection, transport: asyncio.Transport) -> None:
+        """Open a tls:// connection (from the handshake task, or its first decrypted data)."""
+        if connection.state is not State.HANDSHAKE:
+            return
+        connection.transport = transport
+        connection.tls = session_fields(transport)
+        connection.open()
+        if self.closing or connection.close_reason is not None:
+            connection.finish(REASON_SHUTDOWN, self.drain_deadline)
+
+    def _handshake_failed(self, connection: EchoConnection, detail: str) -> None:
+        if connection.state is State.CLOSED:
+            return
+        connection.state = State.CLOSED
+        connection.early = connection.held = None
+        if connection.close_reason is None:
+            connection.close_reason = REASON_TLS_HANDSHAKE
+            self.rejected += 1
+            if self.metrics is not None:
+                self.metrics.rejected(REASON_TLS_HANDSHAKE)
+            self.connection_closed(connection, "tls handshake failed", error=detail)
+        else:
+            # Ended by the server (shutdown) mid-handshake.
+            self.connection_closed(connection, "connection closed", error=detail)
+
+    def connection_opened(self, connection: EchoConnection) -> None:
+        transport = connection.transport
+        transport.set_write_buffer_limits(high=self.config.write_buffer_high)
+        if self.config.greeting:
+            transport.write(self._greeting(connection.local))
+        if self.log_opens:
+            self.log.debug(
+                "connection opened", transport=connection.kind, peer=format_address(connection.peer)
+            )
+
+    def connection_rejected(self, connection: EchoConnection, reason: str, detail: str) -> None:
+        self.rejected += 1
+        if self.metrics is not None:
+            self.metrics.rejected(reason)
+
+    def connection_closed(
+        self, connection: EchoConnection, event: str = "connection closed", **extra: str
+    ) -> None:
+        # The bookkeeping that close() waits on comes first and cannot fail; metrics and the
+        # log record come after, so an error there (a full disk) cannot stall a shutdown.
+        self.connections.discard(connection)
+        self._admission.release(connection.admitted_host)
+        closed = self.closed_bytes.setdefault(connection.kind, [0, 0])
+        closed[0] += connection.bytes_in
+        closed[1] += connection.bytes_out
+        if not self.connections:
+            self.idle.set()
+        record = connection.record()
+        record.update(extra)
+        try:
+            if self.metrics is not None:
+                self.metrics.closed(connection.kind, record["duration_s"])
+                for kind, count in record.get("faults_injected", {}).items():
+                    self.metrics.faults(kind, count)
+        finally:
+            self.log.info(event, **record)
+
+    def _greeting(self, local: Any) -> bytes:
+        greeting = self._greetings.get(local)
+        if greeting is None:
+            port = local[1] if isinstance(local, tuple) else ""
+            text = self.config.greeting.format(
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                port=port,
+                worker=os.environ.get(WORKER_ENVIRONMENT_VARIABLE, "0"),
+            )
+            greeting = self._greetings[local] = text.encode("utf-8") + b"\n"
+        return greeting
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Run every connection's timers: PROXY header, idle, lifetime, finishing deadlines."""
+        config = self.config
+        proxy_deadline = now - config.proxy_header_timeout
+        for connection in list(self.connections):
+            if connection.state is State.HEADER and connection.opened_at <= proxy_deadline:
+                connection.proxy_timed_out()
+            connection.sweep(now, config.idle_timeout, config.max_lifetime)
+        change = self.descriptors.check()
+        if change == "exhausted":
+            self.log.warning(
+                "out of file descriptors; new connections are dropped until some close",
+                connections_open=len(self.connections),
+                episode=self.descriptors.episodes,
+            )
+        elif change == "recovered":
+            self.log.info(
+                "file descriptors available again; accepting", episode=self.descriptors.episodes
+            )
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def drain(self, deadline: float) -> int:
+        """Finish every connection, wait until `deadline` (monotonic), abort the rest.
+
+        Returns how many were aborted. Never waits past the deadline by more than
+        ABORT_GRACE_S, whatever the connections or the loop do.
+        """
+        self.closing = True
+        self.drain_deadline = deadline
+        for connection in list(self.connections):
+            connection.finish(REASON_SHUTDOWN, deadline)
+        while self.connections:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self.idle.wait(), min(LINGER_S / 2, remaining))
+            except TimeoutError:
+                now = time.monotonic()
+                for connection in list(self.connections):
+                    connection.sweep(now, 0.0, 0.0)
+        aborted = len(self.connections)
+        if aborted:
+            self.abort_all()
+            # connection_lost arrives on the next loop iterations.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), ABORT_GRACE_S)
+            for connection in list(self.connections):
+                # Its transport never reported back: account for it anyway.
+                connection.state = State.CLOSED
+                connection.lost = True
+                self.connection_closed(connection)
+        self.closed = True
+        await self._end_handshakes()
+        return aborted
+
+    async def _end_handshakes(self) -> None:
+        tasks = list(self._handshakes)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=ABORT_GRACE_S)
+
+    def abort_all(self) -> None:
+        """Abort every open connection now (reason `shutdown`)."""
+        for connection in list(self.connections):
+            connection.abort(REASON_SHUTDOWN)
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def transport_totals(self) -> dict[str, TransportTotals]:
+        """Stream counters per transport (`tcp`, `tls`, `unix`): closed plus open so far."""
+        active: dict[str, int] = {}
+        live: dict[str, list[int]] = {}
+        for connection in self.connections:
+            kind = connection.kind
+            active[kind] = active.get(kind, 0) + 1
+            sums = live.setdefault(kind, [0, 0])
+            sums[0] += connection.bytes_in
+            sums[1] += connection.bytes_out - connection.transport.get_write_buffer_size()
+        totals = {}
+        for kind in set(self.opened) | set(live):
+            closed = self.closed_bytes.get(kind, [0, 0])
+            sums = live.get(kind, [0, 0])
+            totals[kind] = TransportTotals(
+                active.get(kind, 0),
+                self.opened.get(kind, 0),
+                closed[0] + sums[0],
+                closed[1] + sums[1],
+            )
+        return totals
