@@ -56,6 +56,9 @@ READ_BUFFER_SIZE = 256 * 1024
 # A read at least this big marks a bulk transfer: the connection then reads in place.
 BULK_READ = 64 * 1024
 
+# The most plaintext one TLS record carries (RFC 8446 section 5.1).
+TLS_RECORD_MAX = 16 * 1024
+
 _RESET_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, TimeoutError)
 
 
@@ -449,6 +452,14 @@ class EchoConnection(asyncio.BaseProtocol):
         elif state is State.FINISHING or state is State.LINGERING:
             if now >= self.finish_deadline:
                 self.abort(self.close_reason or REASON_SHUTDOWN)
+            elif (
+                state is State.FINISHING
+                and not self.writing_paused
+                and not received_unread(self.transport, tls_margin=False)
+            ):
+                # Reading, and nothing received is left unread: what the budget still allows
+                # could only come from bytes sent after the finish began (see TLS_RECORD_MAX).
+                self._send_eof()
             elif state is State.LINGERING and now - self.last_active >= LINGER_S and not buffered:
                 # Flushed, FIN sent, and nothing unread on our side: closing sends no reset.
                 self.transport.close()
@@ -493,12 +504,13 @@ class EchoConnection(asyncio.BaseProtocol):
         return record
 
 
-def received_unread(transport: Any) -> int:
+def received_unread(transport: Any, tls_margin: bool = True) -> int:
     """Bytes from the client not yet delivered to the protocol: in the kernel, or a TLS layer.
 
-    The kernel's count is exact (SIOCINQ). A TLS layer holds ciphertext, which is a little more
-    than the plaintext it carries, so for tls:// this errs on the side of echoing a few bytes
-    too many rather than one too few.
+    The kernel's count is exact (SIOCINQ). A TLS layer holds ciphertext, a little more than the
+    plaintext it carries, and OpenSSL may hold one record it has taken from its input but not
+    yet decrypted, which nothing reports: for tls:// the count adds what the TLS layer reports
+    and one whole record, erring on the side of echoing a few KiB too many, never one too few.
     """
     unread = 0
     sock = transport.get_extra_info("socket")
@@ -511,6 +523,8 @@ def received_unread(transport: Any) -> int:
             unread = int(struct.unpack("i", raw)[0])
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is not None:
+        if tls_margin:
+            unread += TLS_RECORD_MAX
         with contextlib.suppress(Exception):
             unread += ssl_object.pending()
         read_buffer_size = getattr(transport, "get_read_buffer_size", None)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+import trustme
 from hypothesis import settings
 from structlog.testing import capture_logs
 
@@ -85,3 +87,20 @@ async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.005
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def certificate_authority() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(certificate_authority: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    server_cert = certificate_authority.issue_cert("127.0.0.1", "localhost", "::1")
+    cert = tmp_path / "server.pem"
+    key = tmp_path / "server.key"
+    ca = tmp_path / "ca.pem"
+    server_cert.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(blob.bytes() for blob in server_cert.cert_chain_pems))
+    certificate_authority.cert_pem.write_to_path(str(ca))
+    return {"tls_cert": str(cert), "tls_key": str(key), "ca": str(ca)}

@@ -183,23 +183,6 @@ async def test_unix_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None
 # -- TLS -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def certificate_authority() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_files(certificate_authority: trustme.CA, tmp_path: Path) -> dict[str, str]:
-    server_cert = certificate_authority.issue_cert("127.0.0.1", "localhost", "::1")
-    cert = tmp_path / "server.pem"
-    key = tmp_path / "server.key"
-    ca = tmp_path / "ca.pem"
-    server_cert.private_key_pem.write_to_path(str(key))
-    cert.write_bytes(b"".join(blob.bytes() for blob in server_cert.cert_chain_pems))
-    certificate_authority.cert_pem.write_to_path(str(ca))
-    return {"tls_cert": str(cert), "tls_key": str(key), "ca": str(ca)}
-
-
 def client_context(ca: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca)
 
