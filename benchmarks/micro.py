@@ -63,8 +63,17 @@ class NullOwner:
     def connection_closed(self, connection: EchoConnection) -> None:
         connection.record()
 
-    def proxy_rejected(self, connection: EchoConnection, detail: str) -> None:
+    def connection_opened(self, connection: EchoConnection) -> None:
         pass
+
+    def connection_rejected(self, connection: EchoConnection, reason: str, detail: str) -> None:
+        pass
+
+    def header_ended(self, connection: EchoConnection, payload: bytes) -> None:
+        connection.open()
+
+    def handshake_done(self, connection: EchoConnection, transport: Any) -> None:
+        connection.open()
 
 
 class Bare:

@@ -335,8 +335,8 @@ class EchoConnection(asyncio.BaseProtocol):
         self.detail = detail
         self.echo_limit = self.bytes_in
         self.finish_deadline = time.monotonic() + FINISH_TIMEOUT_S
-        self.owner.connection_rejected(self, reason, detail)
         self._send_eof()
+        self.owner.connection_rejected(self, reason, detail)
 
     def finish(self, reason: str, deadline: float) -> None:
         """Stop echoing gracefully: what the server already received comes back, then EOF.

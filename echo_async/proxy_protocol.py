@@ -193,6 +193,16 @@ def _v1_address(text: str, ip_version: int) -> str:
         raise ProxyHeaderError(f"v1 address is not IPv{ip_version} as TCP{ip_version} says")
     if "%" in text:
         raise ProxyHeaderError("v1 address has a scope id")
+    return canonical_ip(address)
+
+
+def canonical_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """RFC 5952 text, the same on every Python: IPv4-mapped as `::ffff:10.0.0.1` (section 5).
+
+    Python 3.13 writes that form itself; 3.11 and 3.12 write `::ffff:a00:1`.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"::ffff:{address.ipv4_mapped}"
     return str(address)
 
 
@@ -240,8 +250,8 @@ def _parse_v2(buffer: bytearray) -> ParseResult:
     if family in (1, 2):
         layout = _V2_INET if family == 1 else _V2_INET6
         source_ip, destination_ip, source_port, destination_port = layout.unpack_from(block)
-        source = (str(ipaddress.ip_address(source_ip)), source_port)
-        destination = (str(ipaddress.ip_address(destination_ip)), destination_port)
+        source = (canonical_ip(ipaddress.ip_address(source_ip)), source_port)
+        destination = (canonical_ip(ipaddress.ip_address(destination_ip)), destination_port)
     header = ProxyHeader(2, source is None, source, destination, length)
     return ParseResult(ParseStatus.HEADER, header, rest)
 

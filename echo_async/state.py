@@ -208,9 +208,11 @@ class ServerState:
         if connection.close_reason is None:
             connection.close_reason = REASON_TLS_HANDSHAKE
             self.rejected += 1
-            if self.metrics is not None:
-                self.metrics.rejected(REASON_TLS_HANDSHAKE)
-            self.connection_closed(connection, "tls handshake failed", error=detail)
+            try:
+                self.connection_closed(connection, "tls handshake failed", error=detail)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.rejected(REASON_TLS_HANDSHAKE)
         else:
             # Ended by the server (shutdown) mid-handshake.
             self.connection_closed(connection, "connection closed", error=detail)
@@ -310,26 +312,32 @@ class ServerState:
                 for connection in list(self.connections):
                     connection.sweep(now, 0.0, 0.0)
         aborted = len(self.connections)
-        if aborted:
-            self.abort_all()
-            # connection_lost arrives on the next loop iterations.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.idle.wait(), ABORT_GRACE_S)
-            for connection in list(self.connections):
-                # Its transport never reported back: account for it anyway.
-                connection.state = State.CLOSED
-                connection.lost = True
-                self.connection_closed(connection)
-        self.closed = True
-        await self._end_handshakes()
+        grace_deadline = max(deadline, time.monotonic()) + ABORT_GRACE_S
+        try:
+            if aborted:
+                self.abort_all()
+                # connection_lost arrives on the next loop iterations.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.idle.wait(), ABORT_GRACE_S)
+                for connection in list(self.connections):
+                    # Its transport never reported back: account for it anyway.
+                    connection.state = State.CLOSED
+                    connection.lost = True
+                    try:
+                        self.connection_closed(connection)
+                    except Exception:
+                        self.log.exception("accounting a closed connection failed")
+        finally:
+            self.closed = True
+            await self._end_handshakes(grace_deadline)
         return aborted
 
-    async def _end_handshakes(self) -> None:
+    async def _end_handshakes(self, grace_deadline: float) -> None:
         tasks = list(self._handshakes)
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=ABORT_GRACE_S)
+            await asyncio.wait(tasks, timeout=max(grace_deadline - time.monotonic(), 0.001))
 
     def abort_all(self) -> None:
         """Abort every open connection now (reason `shutdown`)."""

@@ -28,6 +28,8 @@ _SHORT_NAMES = {
     "domainComponent": "DC",
     "userId": "UID",
 }
+# Beyond the handshake timeout, how long the upgrade waits for start_tls() to give up.
+_HANDSHAKE_GRACE_S = 1.0
 # How many loop iterations the upgrade waits for start_tls() to be ready for early bytes.
 _READY_TURNS = 8
 
@@ -88,6 +90,8 @@ async def upgrade(
     this coroutine returns. The caller pauses reading on `transport` first.
     """
     loop = asyncio.get_running_loop()
+    if transport.is_closing():
+        return None  # the client went away before the TLS layer could take over
     handshake = asyncio.ensure_future(
         loop.start_tls(
             transport,  # type: ignore[arg-type]  # uvloop's transports are not asyncio's classes
@@ -113,7 +117,9 @@ async def upgrade(
                     _feed(tls_protocol, early)
                 break
         take_early(None)
-        return await handshake
+        # start_tls() enforces `timeout` itself; this bound only keeps a loop that never
+        # wakes its waiter (a transport lost at the wrong moment) from holding us for ever.
+        return await asyncio.wait_for(handshake, timeout + _HANDSHAKE_GRACE_S)
     except BaseException:
         handshake.cancel()
         raise

@@ -382,3 +382,23 @@ async def test_an_inherited_socket_of_ambiguous_scheme_is_refused(
     with pytest.raises(ConfigError, match="both tcp:// and tls://"):
         await server.start()
     sock.close()
+
+
+async def test_a_client_gone_before_its_tls_handshake_frees_its_slot_at_once(
+    tls_files: dict[str, str], logs: list[dict[str, Any]]
+) -> None:
+    # Half a PROXY header, then EOF: the header stage ends (optional mode) as the plain socket
+    # closes, before the TLS layer could take it over.
+    config = tls_config(
+        tls_files, proxy_protocol="optional", max_connections_per_ip=1, tls_handshake_timeout=30
+    )
+    async with EchoServer(config) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"PROXY ")
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await wait_for(lambda: not server._state.connections)
+        context = client_context(tls_files["ca"])
+        assert await asyncio.to_thread(tls_exchange, server.port, context, b"", b"next") == b"next"
+    assert len(handshake_failures(logs)) == 1
