@@ -153,6 +153,9 @@ class EchoServer:
         deadline = time.monotonic() + timeout_s
         state = self._state
         try:
+            if any([site.stop_polling() for site in self._sites]):
+                for _ in range(2):  # let accepted sockets get their transports (see sites.py)
+                    await asyncio.sleep(0)
             for site in self._sites:
                 site.close()
             if state.connections:

@@ -401,4 +401,7 @@ async def test_a_client_gone_before_its_tls_handshake_frees_its_slot_at_once(
         await wait_for(lambda: not server._state.connections)
         context = client_context(tls_files["ca"])
         assert await asyncio.to_thread(tls_exchange, server.port, context, b"", b"next") == b"next"
-    assert len(handshake_failures(logs)) == 1
+    first, second = closed(logs)
+    assert (first["reason"], first["bytes_in"], first["bytes_out"]) == ("eof", 0, 0)
+    assert first["error"] == "handshake not completed: the client went away"
+    assert second["bytes_out"] == 4
