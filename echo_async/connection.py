@@ -32,6 +32,7 @@ import time
 from typing import Any, Protocol
 
 from echo_async.proxy_protocol import ParseStatus, ProxyHeaderError, ProxyHeaderParser
+from echo_async.tls import session_fields
 
 # A finishing connection is closed once it has been quiet this long (nginx's lingering close)...
 LINGER_S = 0.5
@@ -132,7 +133,6 @@ class EchoConnection(asyncio.BaseProtocol):
         "early",
         "echo_limit",
         "finish_deadline",
-        "held",
         "kind",
         "last_active",
         "local",
@@ -145,7 +145,6 @@ class EchoConnection(asyncio.BaseProtocol):
         "proxy_required",
         "reads",
         "state",
-        "tls",
         "transport",
         "unsent",
         "writer",
@@ -191,11 +190,10 @@ class EchoConnection(asyncio.BaseProtocol):
         self.proxy: Any = None
         self.proxy_parser: ProxyHeaderParser | None = None
         self.proxy_required = False
-        self.tls: dict[str, str] | None = None
-        # During the TLS handshake: bytes read as plain TCP that belong to the TLS layer (see
-        # tls.upgrade), then application bytes that arrive before open() (echoed then).
-        self.early: bytearray | None = None
-        self.held: bytearray | None = None
+        # During a TLS handshake: first the bytes read as plain TCP that belong to the TLS layer
+        # (a bytearray, see tls.upgrade), then the application chunks that arrive before open()
+        # can run (a list, echoed by open()). None otherwise.
+        self.early: bytearray | list[bytes] | None = None
 
     # -- the byte path -------------------------------------------------------------------------
 
@@ -224,12 +222,13 @@ class EchoConnection(asyncio.BaseProtocol):
         size = len(data)
         if state is State.HANDSHAKE:
             self.bytes_in -= size
-            if self.early is not None:
-                self.early += data  # read before the TLS layer took the socket over: its own
+            early = self.early
+            if isinstance(early, bytearray):
+                early += data  # read before the TLS layer took the socket over: its own
             elif self._handshake_is_done():
                 self.data_received(data)
-            elif self.held is not None:
-                self.held += data  # decrypted before the server could see the handshake end
+            elif early is not None:
+                early.append(data)  # decrypted before the server could see the handshake end
             return
         if state is State.OPEN or state is State.FINISHING:
             # The echo budget (--max-bytes, or what a finish owes) ends in this chunk.
@@ -271,24 +270,24 @@ class EchoConnection(asyncio.BaseProtocol):
         self.state = State.OPEN
         self.byte_limit = self.echo_limit - 1
         self.owner.connection_opened(self)
-        held = self.held
-        if held:
-            self.held = None
-            self.data_received(bytes(held))
-        self.held = None
+        held = self.early
+        self.early = None
+        if isinstance(held, list):
+            for chunk in held:
+                self.data_received(chunk)
 
     def take_early(self, tls_transport: asyncio.Transport | None) -> bytes:
         """The TLS layer's bytes read so far; from now on, bytes received are application data.
 
         `tls_transport` is where those go once the handshake is done (see tls.upgrade).
         """
-        early = bytes(self.early) if self.early else b""
-        if self.early is not None:
-            self.early = None
-            self.held = bytearray()
-            if tls_transport is not None:
-                self.transport = tls_transport
-        return early
+        early = self.early
+        if not isinstance(early, bytearray):
+            return b""
+        self.early = []
+        if tls_transport is not None:
+            self.transport = tls_transport
+        return bytes(early)
 
     def _proxy_data(self, data: bytes) -> None:
         # Header bytes are not payload: they are never echoed nor counted in bytes_in.
@@ -499,8 +498,9 @@ class EchoConnection(asyncio.BaseProtocol):
             record["proxy"] = format_address(self.proxy)
         if self.detail is not None:
             record["detail"] = self.detail
-        if self.tls is not None:
-            record.update(self.tls)
+        if self.kind == "tls":
+            # What was negotiated: the TLS object outlives the connection in its transport.
+            record.update(session_fields(self.transport))
         return record
 
 

@@ -24,6 +24,7 @@ from echo_async.config import WORKER_ENVIRONMENT_VARIABLE, ServerConfig
 from echo_async.connection import (
     LINGER_S,
     REASON_LIMIT,
+    REASON_PROXY_HEADER,
     REASON_SHUTDOWN,
     REASON_TLS_HANDSHAKE,
     EchoConnection,
@@ -35,7 +36,7 @@ from echo_async.faults import FaultPlan, FaultyConnection
 from echo_async.limits import Admission, DescriptorWatch
 from echo_async.metrics import ServerMetrics, TransportTotals
 from echo_async.proxy_protocol import is_trusted, parse_networks
-from echo_async.tls import handshake_error, session_fields, upgrade
+from echo_async.tls import handshake_error, upgrade
 
 LOGGER_NAME = "echo_async"
 # After aborting what the deadline left, how long close() lets the loop deliver connection_lost.
@@ -123,7 +124,7 @@ class ServerState:
             if is_trusted(host, self._proxy_networks):
                 connection.expect_proxy_header(self.config.proxy_protocol == "required")
             elif self.config.proxy_protocol == "required":
-                connection.reject("proxy_header", "PROXY header from an untrusted source")
+                connection.reject(REASON_PROXY_HEADER, "PROXY header from an untrusted source")
             else:
                 self.header_ended(connection, b"")
         elif kind == "tls":
@@ -195,7 +196,6 @@ class ServerState:
         if connection.state is not State.HANDSHAKE:
             return
         connection.transport = transport
-        connection.tls = session_fields(transport)
         connection.open()
         if self.closing or connection.close_reason is not None:
             connection.finish(REASON_SHUTDOWN, self.drain_deadline)
@@ -204,7 +204,7 @@ class ServerState:
         if connection.state is State.CLOSED:
             return
         connection.state = State.CLOSED
-        connection.early = connection.held = None
+        connection.early = None
         if connection.close_reason is None:
             connection.close_reason = REASON_TLS_HANDSHAKE
             self.rejected += 1
