@@ -1,7 +1,8 @@
 """`echo-async serve --workers N`: N worker processes on one port under a supervisor (Linux).
 
-The supervisor holds the port with bound, never-listening SO_REUSEPORT sockets (a busy port fails
-once, before any worker starts; port 0 becomes a real port) and starts each worker as
+The supervisor holds the port with bound, never-listening sockets that set SO_REUSEPORT and not
+SO_REUSEADDR (a busy port fails once, before any worker starts; port 0 becomes a real port; no
+other user's program can take it) and starts each worker as
 `python -m echo_async serve --config FILE` with `reuse_port = true`, so the kernel spreads new
 connections over the workers' own listening sockets. It restarts a worker that dies, forwards
 SIGTERM/SIGINT, waits for every drain, and serves the workers' summed metrics. docs/workers.md
@@ -52,6 +53,8 @@ MAX_RESTARTS = 5  # per worker within RESTART_WINDOW_S; the next death ends the 
 RESTART_BACKOFF_S = 0.1
 # Beyond drain_delay + shutdown_timeout, for a worker's interpreter to exit.
 SHUTDOWN_MARGIN_S = 5.0
+# How often a slot checks its worker when it can't get a pidfd to wait on (EMFILE, say).
+EXIT_POLL_INTERVAL_S = 0.1
 # Never inherited by a worker: the supervisor alone talks to systemd, and owns the socket
 # activation fds and the metrics directory.
 _PRIVATE_VARIABLES = frozenset(
@@ -92,7 +95,7 @@ def reserve_port(config: ServerConfig) -> list[socket.socket]:
 
     A socket that never listens receives no connections (Linux), yet it holds the port: a busy
     port raises StartupError here, port 0 becomes one real port for every address and worker,
-    and no other program can take the port while a worker restarts.
+    and only a socket of this user with SO_REUSEPORT (a worker) can bind the port beside it.
     """
     where = f"cannot listen on {config.host}:{config.port}"
     sockets: list[socket.socket] = []
@@ -104,7 +107,10 @@ def reserve_port(config: ServerConfig) -> list[socket.socket]:
         for family, kind, protocol, _, address in dict.fromkeys(infos):
             sock = socket.socket(family, kind, protocol)
             sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # No SO_REUSEADDR: Linux lets a socket with it bind and listen beside a socket that
+            # has it too and doesn't listen, whoever owns either (another user's program, or
+            # our own metrics endpoint). SO_REUSEPORT alone admits only this user's
+            # SO_REUSEPORT sockets. Listening instead would take a share of the connections.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and address[0] == "::":
                 # Dual stack, as a worker binds `::`: the IPv4 port is held and checked too.
@@ -172,6 +178,7 @@ class Supervisor:
         if len(os.fsencode(self._notify_address)) > _MAX_UNIX_PATH:
             self._notify_address = f"@echo-async-{os.getpid()}-{secrets.token_hex(8)}"
         self._workers: dict[int, subprocess.Popen[bytes]] = {}
+        self._polling: set[int] = set()  # slots that have logged falling back to polling
         self._ready: set[int] = set()
         self._announced = False
         self._stopping = asyncio.Event()
@@ -238,7 +245,21 @@ class Supervisor:
         return bool(self._ready) and not self._stopping.is_set()
 
     async def _supervise(self, index: int) -> None:
-        """Keep worker `index` running until the supervisor stops, or it crash-loops."""
+        """Keep worker `index` running until the supervisor stops, or it crash-loops.
+
+        An unexpected error stops the supervisor (status 1) rather than ending the slot
+        silently; the slot still waits for its worker, so that worker drains like the others.
+        """
+        try:
+            await self._keep_running(index)
+        except Exception:
+            self._log.exception("worker supervision failed, stopping", index=index)
+            self._stop(EXIT_FAILURE)
+            process = self._workers.get(index)
+            if process is not None:
+                self._exited(index, process, await self._poll(process))
+
+    async def _keep_running(self, index: int) -> None:
         budget = RestartBudget()
         restarted = False
         while True:
@@ -250,7 +271,7 @@ class Supervisor:
                 return
             event = "worker restarted" if restarted else "worker started"
             self._log.info(event, index=index, pid=process.pid)
-            status = await self._wait(process)
+            status = await self._wait(index, process)
             self._exited(index, process, status)
             if self._stopping.is_set():
                 return
@@ -286,23 +307,33 @@ class Supervisor:
             os.kill(process.pid, signal.SIGTERM)
         return process
 
-    async def _wait(self, process: subprocess.Popen[bytes]) -> int:
-        """Wait on the loop (a pidfd becomes readable at exit) and reap; return the status."""
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
+    async def _wait(self, index: int, process: subprocess.Popen[bytes]) -> int:
+        """Wait for worker `index` to exit and reap it; return the status. Raises no OSError.
 
-        def on_exit() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        pidfd = os.pidfd_open(process.pid)
-        loop.add_reader(pidfd, on_exit)
+        A pidfd wakes the loop at the exit. Without one (EMFILE, ENFILE, ENOMEM, no pidfd
+        support) the slot polls instead, and says so once: it must go on supervising.
+        """
         try:
-            await exited
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+            await _wait_on_pidfd(process.pid)
+        except OSError as error:
+            if index not in self._polling:
+                self._polling.add(index)
+                self._log.warning(
+                    "cannot wait on a worker's pidfd, polling instead",
+                    index=index,
+                    pid=process.pid,
+                    error=os_reason(error),
+                    interval_s=EXIT_POLL_INTERVAL_S,
+                )
+            return await self._poll(process)
         return process.wait()
+
+    async def _poll(self, process: subprocess.Popen[bytes]) -> int:
+        """Reap `process` once it has exited, checking every EXIT_POLL_INTERVAL_S."""
+        # Polling is the point: this is the way to wait that needs no file descriptor.
+        while (status := process.poll()) is None:  # noqa: ASYNC110
+            await asyncio.sleep(EXIT_POLL_INTERVAL_S)
+        return status
 
     def _exited(self, index: int, process: subprocess.Popen[bytes], status: int) -> None:
         del self._workers[index]
@@ -369,6 +400,26 @@ class Supervisor:
         for process in self._workers.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signum)
+
+
+async def _wait_on_pidfd(pid: int) -> None:
+    """Return once process `pid` has exited (its pidfd becomes readable); don't reap it."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    pidfd = os.pidfd_open(pid)
+    try:
+        loop.add_reader(pidfd, on_exit)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -17,16 +19,18 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from echo_async.config import ServerConfig
+from echo_async.config import ServerConfig, ServiceConfig
 from echo_async.service import MULTIPROCESS_DIRECTORY
 from echo_async.supervisor import (
     MAX_RESTARTS,
     RESTART_WINDOW_S,
     WORKER_ENVIRONMENT_VARIABLE,
     RestartBudget,
+    Supervisor,
     reserve_port,
     worker_environment,
 )
+from tests.conftest import wait_for
 from tests.e2e.helpers import (
     CliServer,
     cli_command,
@@ -149,6 +153,20 @@ def is_running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def listening_socket(port: int, *options: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port` with these SOL_SOCKET options set, as a program's."""
+    sock = socket.socket()
+    try:
+        for option in options:
+            sock.setsockopt(socket.SOL_SOCKET, option, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def http_status(port: int, path: str) -> int:
@@ -298,14 +316,143 @@ def test_a_busy_address_is_one_line_and_exit_2_before_any_worker(busy: str) -> N
     assert b"worker started" not in result.stdout
 
 
-def test_reserved_port_takes_no_connections_but_keeps_the_port() -> None:
+def test_metrics_on_the_echo_port_is_one_line_and_exit_2_before_any_worker() -> None:
+    # The reservation once let the metrics endpoint (SO_REUSEADDR) listen on the echo port;
+    # every worker then died with "address already in use" and the supervisor exited 1.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    where = f"127.0.0.1:{port}"
+    command = [*cli_command(), "serve", "--workers", "2", "--log-format", "json"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--metrics", where]
+    result = subprocess.run(command, capture_output=True, timeout=30, check=False)
+    assert result.stderr.decode().splitlines() == [
+        f"echo-async serve: error: --metrics: cannot listen on {where}: address already in use"
+    ]
+    assert result.returncode == 2
+    assert b"worker started" not in result.stdout
+
+
+def test_no_other_program_takes_the_port_while_no_worker_listens(
+    tmp_path: Path, supervisors: list[CliServer]
+) -> None:
+    process, port = start_supervisor(supervisors, tmp_path, "--host", "127.0.0.1")
+    first = worker_pids(process)
+    process.send_signal(signal.SIGSTOP)  # holds the restarts: only the reservation is left
+    try:
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not any(is_running(pid) for pid in first))
+        with pytest.raises(OSError, match="in use"):
+            listening_socket(port, socket.SO_REUSEADDR).close()
+    finally:
+        process.send_signal(signal.SIGCONT)
+    restarted = ("worker restarted", "worker ready")
+    wait_until(lambda: sum(r["event"] in restarted for r in process.records()) == 6, timeout=20)
+    assert echo(port, b"still ours") == b"still ours"
+    assert stop_cli_server(process) == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [(), (socket.SO_REUSEADDR,), (socket.SO_REUSEADDR, socket.SO_REUSEPORT)],
+    ids=["plain", "SO_REUSEADDR", "both"],
+)
+def test_reserved_port_takes_no_connections_but_keeps_the_port(options: tuple[int, ...]) -> None:
     (probe,) = reserve_port(ServerConfig(host="127.0.0.1", port=0))
     with probe:
         port = probe.getsockname()[1]
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
-        with socket.socket() as other, pytest.raises(OSError, match="in use"):
-            other.bind(("127.0.0.1", port))
+        if socket.SO_REUSEPORT not in options:
+            with pytest.raises(OSError, match="in use"):
+                listening_socket(port, *options).close()
+        else:  # as a worker does: it listens beside the reservation, and gets the connections
+            with (
+                listening_socket(port, *options) as worker,
+                socket.create_connection(("127.0.0.1", port), timeout=5),
+            ):
+                worker.accept()[0].close()
+
+
+def test_a_previous_supervisors_closed_connections_dont_keep_the_port_reserved() -> None:
+    # Without SO_REUSEADDR the reservation can't bind over TIME_WAIT connections of a server
+    # without SO_REUSEPORT (docs/workers.md says so); a worker's have it, so a restart works.
+    with listening_socket(0, socket.SO_REUSEADDR, socket.SO_REUSEPORT) as worker:
+        port = worker.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            worker.accept()[0].close()  # the server closes first: TIME_WAIT on its side
+            assert client.recv(1) == b""
+    (reservation,) = reserve_port(ServerConfig(host="127.0.0.1", port=port))
+    reservation.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user needs root")
+def test_another_user_cannot_take_the_reserved_port() -> None:
+    attempts = [
+        (socket.SO_REUSEADDR,),
+        (socket.SO_REUSEPORT,),
+        (socket.SO_REUSEADDR, socket.SO_REUSEPORT),
+    ]
+    (reservation,) = reserve_port(ServerConfig(host="127.0.0.1", port=0))
+    with reservation:
+        port = reservation.getsockname()[1]
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through its exit status only
+            taken = 0x80
+            try:
+                os.setgid(65534)  # nobody
+                os.setuid(65534)
+                taken = 0
+                for bit, options in enumerate(attempts):
+                    with contextlib.suppress(OSError):
+                        listening_socket(port, *options).close()
+                        taken |= 1 << bit
+            finally:
+                os._exit(taken)
+        _, status = os.waitpid(child, 0)
+    taken = os.waitstatus_to_exitcode(status)
+    assert taken != 0x80, "the child could not become nobody"
+    assert [options for bit, options in enumerate(attempts) if taken & 1 << bit] == []
+
+
+def test_a_slot_that_cannot_wait_on_a_pidfd_polls_restarts_and_drains_its_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[Record]
+) -> None:
+    # As pidfd_open fails when the supervisor is out of file descriptors (EMFILE): the slot
+    # once died with it, leaving its worker unwatched, never restarted, SIGKILLed at shutdown.
+    def out_of_descriptors(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "pidfd_open", out_of_descriptors)
+    (reservation,) = reserve_port(ServerConfig(host="127.0.0.1", port=0))
+    port = reservation.getsockname()[1]
+    server = ServerConfig(host="127.0.0.1", port=port, shutdown_timeout=5)
+    service = ServiceConfig(server=server, workers=2, log_format="json")
+
+    def ready_pids() -> list[int]:
+        return [r["pid"] for r in logs if r["event"] == "worker ready"]
+
+    async def scenario() -> int:
+        supervisor = Supervisor(service, port, tmp_path)
+        running = asyncio.create_task(supervisor.run())
+        await wait_for(lambda: len(ready_pids()) == 2, timeout=20)
+        os.kill(ready_pids()[0], signal.SIGKILL)
+        await wait_for(lambda: len(ready_pids()) == 3, timeout=20)
+        assert echo(port, b"restarted") == b"restarted"
+        supervisor._on_signal(signal.SIGTERM)
+        return await asyncio.wait_for(running, 30)
+
+    with reservation:
+        assert asyncio.run(scenario()) == 0
+    fallbacks = [
+        r for r in logs if r["event"] == "cannot wait on a worker's pidfd, polling instead"
+    ]
+    assert sorted(r["index"] for r in fallbacks) == [0, 1]  # once per slot, not per wait
+    assert all(r["error"] == "too many open files" for r in fallbacks)
+    exits = [(r["pid"], r["status"]) for r in logs if r["event"] == "worker exited"]
+    first, second, restarted = ready_pids()
+    assert sorted(exits) == sorted([(first, -signal.SIGKILL), (second, 0), (restarted, 0)])
 
 
 def test_worker_environment_drops_echo_async_and_systemd_variables() -> None:
