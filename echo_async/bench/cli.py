@@ -2,7 +2,8 @@
 
 ``echo_async.cli`` calls :func:`add_arguments` on its ``bench`` subparser and returns
 :func:`run`'s value as the process exit status: 0 all good; 1 the run failed its checks
-(mismatched bytes, more errors than --max-errors, hold could not open every connection);
+(nothing echoed, fewer than --requests, mismatched bytes, more errors than --max-errors, hold
+could not open every connection) or could not be carried out (--host does not resolve);
 2 a usage error, reported in one line.
 """
 
@@ -39,13 +40,15 @@ def byte_size(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Define every ``bench`` flag on ``parser``."""
     parser.epilog = parser.epilog or (
-        "exit status: 0 all checks passed; 1 mismatched bytes, more errors than --max-errors, "
-        "or (hold) not every connection opened and echoed; 2 usage error"
+        "exit status: 0 all checks passed; 1 nothing echoed, fewer than --requests, mismatched "
+        "bytes, more errors than --max-errors, (hold) not every connection opened and echoed, "
+        "or --host does not resolve; 2 usage error"
     )
     parser.description = parser.description or (
         "Load-test any echo server (RFC 862) with many concurrent clients. Every echoed byte "
-        "is checked against what was sent; a mismatch, more errors than --max-errors, or (hold) "
-        "a connection that could not be opened makes the exit status 1."
+        "is checked against what was sent; a run that echoed nothing or fell short of "
+        "--requests, a mismatch, more errors than --max-errors, or (hold) a connection that "
+        "could not be opened makes the exit status 1."
     )
     target = parser.add_argument_group("target")
     target.add_argument("--host", default="127.0.0.1", help="server host (default: %(default)s)")

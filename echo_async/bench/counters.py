@@ -5,11 +5,26 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
 import ssl
 
 from echo_async.bench.histogram import Histogram
 
 UNLIMITED = 1 << 62
+
+# OpenSSL's reasons for a handshake that met bytes which are not TLS: plaintext such as a
+# greeting line (WRONG_VERSION_NUMBER; RECORD_LAYER_FAILURE or PACKET_LENGTH_TOO_LONG in newer
+# OpenSSL), or our own ClientHello sent back by a plaintext echo server (UNEXPECTED_MESSAGE).
+NOT_TLS_REASONS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "RECORD_LAYER_FAILURE",
+        "PACKET_LENGTH_TOO_LONG",
+        "UNKNOWN_PROTOCOL",
+        "UNEXPECTED_MESSAGE",
+        "UNEXPECTED_RECORD",
+    }
+)
 
 
 class Counters:
@@ -68,13 +83,19 @@ class Counters:
             self.first_mismatch = description
 
 
-def describe(exc: BaseException | None) -> str:
-    """A short phrase for why a connection ended or failed, used to group errors."""
+def describe(exc: BaseException | None, *, handshake: bool = False) -> str:
+    """A short phrase for why a connection ended or failed, used to group errors.
+
+    ``handshake``: ``exc`` ended a TLS handshake, so a reply that was not TLS means the server
+    speaks plaintext (after the handshake the same reasons mean something else).
+    """
     if exc is None:
         return "connection closed by the server"
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, ssl.SSLError):
+        if handshake and exc.reason in NOT_TLS_REASONS:
+            return f"TLS: the server did not speak TLS ({exc.reason})"
         return f"TLS: {exc.reason or exc}"
     if isinstance(exc, OSError) and exc.errno is not None:
         # os.strerror, not exc.strerror: asyncio puts the address in the latter, and errors
@@ -82,3 +103,8 @@ def describe(exc: BaseException | None) -> str:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
         return f"{os.strerror(exc.errno)} ({name})"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def cannot_resolve(host: str, exc: socket.gaierror) -> str:
+    """The one line for a host name that does not resolve (not "Unknown error -2")."""
+    return f"cannot resolve {host}: {exc.strerror or exc}"

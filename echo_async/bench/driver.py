@@ -9,6 +9,7 @@ and awaited before :meth:`Driver.run` returns.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, cast
 
 from echo_async.bench.clients import Client, PingPongClient, PipelineClient, SingleEchoClient
 from echo_async.bench.config import BenchConfig
-from echo_async.bench.counters import Counters, describe
+from echo_async.bench.counters import Counters, cannot_resolve, describe
 from echo_async.bench.datagram import DatagramClient
 from echo_async.bench.greeting import GreetingError, GreetingReader
 
@@ -240,7 +241,11 @@ class Driver:
                     )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             if not self.counters.stopping:
-                self.counters.error(f"connect: {describe(exc)}")
+                if isinstance(exc, socket.gaierror):
+                    kind = cannot_resolve(config.host, exc)
+                else:
+                    kind = describe(exc, handshake=True)
+                self.counters.error(f"connect: {kind}")
             return None
         client: AnyClient | None
         if isinstance(protocol, GreetingReader):

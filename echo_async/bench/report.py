@@ -15,6 +15,7 @@ from rich.table import Table
 from echo_async.bench.result import BenchResult, Progress
 
 REFRESH_S = 0.25
+NO_MEASUREMENT = "no measurement"
 
 
 def _rate(value: float) -> str:
@@ -23,6 +24,11 @@ def _rate(value: float) -> str:
 
 def _bytes_rate(value: float) -> str:
     return f"{value / 1e6:,.1f} MB/s"
+
+
+def _count_and_rate(count: int, rate: float) -> str:
+    """``count (rate/s)``; just the count when it is zero, whose rate measures nothing."""
+    return f"{count:,} ({_rate(rate)}/s)" if count else "0"
 
 
 def progress_table(progress: Progress) -> Table:
@@ -83,20 +89,26 @@ def summary_table(result: BenchResult) -> Table:
     )
     table.add_column("", style="bold")
     table.add_column("", justify="right")
-    opened = f"{result.connections_made:,} ({_rate(result.connections_per_s)}/s)"
     rows = [
         ("connections", f"{result.connections} x {result.size} bytes"),
         ("duration", f"{result.duration_s:.2f} s"),
-        ("round trips", f"{result.round_trips:,} ({_rate(result.round_trips_per_s)}/s)"),
-        ("echoed", _bytes_rate(result.echoed_bytes_per_s)),
-        ("connections opened", opened),
+        ("round trips", _count_and_rate(result.round_trips, result.round_trips_per_s)),
+        (
+            "echoed",
+            _bytes_rate(result.echoed_bytes_per_s) if result.echoed_bytes else NO_MEASUREMENT,
+        ),
+        ("connections opened", _count_and_rate(result.connections_made, result.connections_per_s)),
     ]
     if result.mode == "hold":
         rows.append(("held and echoed", f"{result.round_trips} of {result.connections}"))
-    latency = result.latency_ms()
-    for name, label in (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9")):
-        rows.append((f"latency {label}", f"{latency[name]:.3f} ms"))
-    rows.append(("latency max", f"{latency['max']:.3f} ms"))
+    if result.latency.total:
+        latency = result.latency_ms()
+        for name, label in (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9")):
+            rows.append((f"latency {label}", f"{latency[name]:.3f} ms"))
+        rows.append(("latency max", f"{latency['max']:.3f} ms"))
+    else:
+        # Percentiles of an empty histogram are zeros: they would read like a fast server.
+        rows.append(("latency", NO_MEASUREMENT))
     rows.append(("errors", f"{result.errors} (max {result.max_errors})"))
     for kind, count in sorted(result.error_kinds.items(), key=lambda item: -item[1]):
         rows.append(("", f"{kind}: {count}"))

@@ -11,6 +11,13 @@ from echo_async.bench.histogram import Histogram
 
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9))
 
+# What a run that echoed nothing failed to do, per mode (hold says it with its own count).
+NOTHING_ECHOED = {
+    "pingpong": "no round trip completed",
+    "stream": "no byte came back",
+    "oneshot": "no connection was opened and echoed",
+}
+
 
 @dataclass(slots=True)
 class Interval:
@@ -51,6 +58,8 @@ class BenchResult:
     first_mismatch: str | None
     backends: dict[str, int] | None = None
     """Connections per greeting line, most first (``--greeting`` only; else None)."""
+    requests: int | None = None
+    """``--requests``: round trips (oneshot: connections) the run was asked for; else None."""
 
     @property
     def round_trips_per_s(self) -> float:
@@ -64,8 +73,16 @@ class BenchResult:
     def connections_per_s(self) -> float:
         return self.connections_made / self.duration_s if self.duration_s > 0 else 0.0
 
+    @property
+    def echoed_anything(self) -> bool:
+        """Whether the run measured something: an echo completed (stream: a byte came back)."""
+        return (self.echoed_bytes if self.mode == "stream" else self.round_trips) > 0
+
     def latency_ms(self) -> dict[str, float]:
-        """p50, p90, p99, p999 and max of the round-trip latency, in milliseconds."""
+        """p50, p90, p99, p999 and max of the round-trip latency, in milliseconds.
+
+        All zero when no round trip completed: check ``latency.total`` before reading them.
+        """
         values = {name: self.latency.percentile(percent) for name, percent in PERCENTILES}
         values["max"] = self.latency.max
         return {name: round(value / 1e6, 6) for name, value in values.items()}
@@ -85,6 +102,15 @@ class BenchResult:
             # Without this a server that sends no greeting passes any run no longer than
             # --timeout: every connection is still waiting for its line when the run ends.
             found.append("--greeting: no connection received a greeting line")
+        if self.mode != "hold" and not self.echoed_anything:
+            # However many errors --max-errors tolerates, a run with no echo measured nothing:
+            # without this a CI gate passes while the server is down.
+            found.append(f"nothing was echoed: {NOTHING_ECHOED[self.mode]}")
+        elif self.requests is not None and self.round_trips < self.requests:
+            unit = "connections" if self.mode == "oneshot" else "round trips"
+            found.append(
+                f"only {self.round_trips:,} of --requests {self.requests:,} {unit} completed"
+            )
         if self.mode == "hold" and self.round_trips < self.connections:
             found.append(
                 f"hold: only {self.round_trips} of {self.connections} connections "
@@ -97,24 +123,35 @@ class BenchResult:
         return not self.problems()
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--json`` object: exactly the documented keys; ``backends`` only with --greeting."""
+        """The ``--json`` object: exactly the documented keys; ``backends`` only with --greeting.
+
+        A rate or latency with nothing behind it (no round trip, no byte, no connection) is
+        null, not a zero that reads like a measurement; ``ok`` and ``problems`` give the verdict.
+        """
         document: dict[str, Any] = {
             "mode": self.mode,
             "connections": self.connections,
             "size": self.size,
             "duration_s": round(self.duration_s, 6),
             "round_trips": self.round_trips,
-            "round_trips_per_s": round(self.round_trips_per_s, 3),
-            "echoed_bytes_per_s": round(self.echoed_bytes_per_s, 3),
-            "connections_per_s": round(self.connections_per_s, 3),
-            "latency_ms": self.latency_ms(),
+            "round_trips_per_s": _measured(self.round_trips, self.round_trips_per_s),
+            "echoed_bytes_per_s": _measured(self.echoed_bytes, self.echoed_bytes_per_s),
+            "connections_per_s": _measured(self.connections_made, self.connections_per_s),
+            "latency_ms": self.latency_ms() if self.latency.total else None,
             "errors": self.errors,
             "mismatched_bytes": self.mismatched_bytes,
             "target": self.target,
+            "ok": self.ok,
+            "problems": self.problems(),
         }
         if self.backends is not None:
             document["backends"] = self.backends
         return document
+
+
+def _measured(count: int, rate: float) -> float | None:
+    """``rate`` rounded for JSON, or None when it counts nothing."""
+    return round(rate, 3) if count else None
 
 
 @dataclass(slots=True)
@@ -212,6 +249,7 @@ class Aggregate:
             error_kinds=error_kinds,
             first_mismatch=mismatches[0] if mismatches else None,
             backends=backends if config.greeting else None,
+            requests=config.requests,
         )
 
 

@@ -13,12 +13,14 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from echo_async.bench.config import BenchConfig
+from echo_async.bench.counters import cannot_resolve
 from echo_async.bench.driver import Driver, Sample, ShareSummary
 from echo_async.bench.result import Aggregate, BenchResult, Progress
 from echo_async.loops import choose_loop
@@ -47,8 +49,10 @@ async def run_bench(
 
     Runs in the current event loop (so a test may serve from the same loop) unless
     ``config.processes`` > 1. ``progress`` is called with the state so far after every sample;
-    setting ``stop`` ends the run early, with the result of what ran.
+    setting ``stop`` ends the run early, with the result of what ran. Raises BenchError when
+    the run cannot be carried out: ``config.host`` does not resolve, a worker process died.
     """
+    await _check_host(config)
     aggregate = Aggregate(config)
 
     def on_sample(process: int, sample: Sample) -> None:
@@ -62,6 +66,25 @@ async def run_bench(
     else:
         summaries = await _run_workers(config, on_sample, stop)
     return aggregate.result(summaries)
+
+
+async def _check_host(config: BenchConfig) -> None:
+    """Raise BenchError, before any load, when --host does not resolve.
+
+    Connections still resolve the name each time (DNS round robin spreads them), but a name
+    that resolves to nothing is one clear line, not an error count with no echo behind it.
+    """
+    if config.unix_path is not None:
+        return
+    kind = socket.SOCK_DGRAM if config.udp else socket.SOCK_STREAM
+    try:
+        async with asyncio.timeout(config.timeout):
+            await asyncio.get_running_loop().getaddrinfo(config.host, config.port, type=kind)
+    except socket.gaierror as exc:
+        raise BenchError(cannot_resolve(config.host, exc)) from None
+    except TimeoutError:
+        message = f"cannot resolve {config.host}: no answer within {config.timeout:g}s"
+        raise BenchError(message) from None
 
 
 def _worker_environment() -> dict[str, str]:

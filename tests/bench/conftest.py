@@ -61,6 +61,24 @@ async def corrupting_port() -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
 
 
+class Greeter(Echo):
+    """A plaintext echo protocol that speaks first: one line as the connection opens."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport.write(b"hello from a plaintext server\r\n")
+
+
+@pytest.fixture(params=["echo", "greeting"])
+async def plaintext_port(request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    """A plain asyncio echo server, no TLS: one that only echoes (a TLS client gets its own
+    ClientHello back), and one that sends a line first.
+    """
+    server = await _serve_tcp(Greeter if request.param == "greeting" else Echo)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
 @pytest.fixture
 async def silent_port() -> AsyncIterator[int]:
     """A server that accepts connections and reads, but never echoes."""

@@ -32,6 +32,8 @@ JSON_KEYS = {
     "errors",
     "mismatched_bytes",
     "target",
+    "ok",
+    "problems",
 }
 
 
@@ -64,6 +66,7 @@ async def test_a_clean_run_exits_0_and_writes_exactly_the_json_keys(
     assert result["round_trips"] > 0
     assert result["errors"] == result["mismatched_bytes"] == 0
     assert result["target"] == f"tcp://127.0.0.1:{echo_port}"
+    assert (result["ok"], result["problems"]) == (True, [])
     output = capsys.readouterr()
     assert "round trips" in output.out  # the summary table
     assert output.err == ""
@@ -88,6 +91,63 @@ async def test_mismatches_exit_1_and_show_in_the_json(
 
 async def test_errors_beyond_max_errors_exit_1(unused_tcp_port: int) -> None:
     assert await run(pingpong(unused_tcp_port, "--quiet")) == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "transport"),
+    [("pingpong", "tcp"), ("stream", "tcp"), ("oneshot", "tcp"), ("pingpong", "udp")],
+)
+async def test_a_run_that_echoed_nothing_fails_however_many_errors_are_tolerated(
+    mode: str,
+    transport: str,
+    unused_tcp_port: int,
+    unused_udp_port: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Nothing listens on the port: the run counts errors, all within --max-errors.
+    path = tmp_path / "result.json"
+    port = unused_udp_port if transport == "udp" else unused_tcp_port
+    argv = ["--port", str(port), "--mode", mode, "--connections", "2", "--size", "64",
+            "--duration", "0.3", "--max-errors", "100000", "--json", str(path)]  # fmt: skip
+    assert await run(argv + (["--udp"] if transport == "udp" else [])) == 1
+    output = capsys.readouterr()
+    assert "echo-async bench: nothing was echoed: " in output.err
+    # The table says so rather than showing zero latencies and rates as measurements.
+    assert "no measurement" in output.out
+    assert " ms" not in output.out
+    assert "MB/s" not in output.out
+    assert "FAILED" in output.out
+    result = json.loads(path.read_text())
+    assert set(result) == JSON_KEYS
+    assert result["ok"] is False
+    assert any(problem.startswith("nothing was echoed: ") for problem in result["problems"])
+    assert result["round_trips"] == 0
+    assert result["latency_ms"] is None
+    assert result["round_trips_per_s"] is None
+    assert result["echoed_bytes_per_s"] is None
+
+
+async def test_an_unknown_host_is_one_line_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--host", "no-such-host.invalid", "--port", "7", "--mode", "pingpong",
+            "--connections", "2", "--size", "64", "--duration", "5", "--timeout", "5",
+            "--max-errors", "100000"]  # fmt: skip
+    assert await run(argv) == 1
+    output = capsys.readouterr()
+    assert output.out == ""  # no table of zeros
+    assert output.err.startswith("echo-async bench: error: cannot resolve no-such-host.invalid: ")
+    assert output.err.count("\n") == 1
+    assert "Unknown error" not in output.err
+
+
+async def test_tls_against_a_plaintext_server_says_it_did_not_speak_tls(
+    plaintext_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run(pingpong(plaintext_port, "--tls", "--quiet")) == 1
+    err = capsys.readouterr().err
+    assert "connect: TLS: the server did not speak TLS (" in err
 
 
 async def test_hold_that_cannot_open_everything_exits_1(

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import pytest
+
 from echo_async.bench import BenchConfig, BenchResult, run_bench
+from echo_async.bench.config import Mode
+from echo_async.bench.driver import Driver
+from echo_async.bench.result import Progress
 
 SHORT = 0.4
 
@@ -170,3 +176,60 @@ async def test_udp_without_a_server_reports_errors(unused_udp_port: int) -> None
     assert not result.ok
     assert result.duration_s < 2  # ended early: more errors than --max-errors 0
     assert result.errors > 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "unit"), [("pingpong", "round trips"), ("oneshot", "connections")]
+)
+async def test_a_run_that_falls_short_of_requests_fails(
+    echo_port: int, mode: Mode, unit: str
+) -> None:
+    stop = asyncio.Event()
+
+    def stop_once_something_was_echoed(progress: Progress) -> None:
+        if progress.round_trips:
+            stop.set()  # as Ctrl-C does
+
+    requests = 10**9
+    config = BenchConfig(mode=mode, connections=2, size=64, requests=requests, port=echo_port)
+    result = await run_bench(config, progress=stop_once_something_was_echoed, stop=stop)
+    assert 0 < result.round_trips < requests
+    assert result.errors == result.mismatched_bytes == 0
+    assert not result.ok
+    assert result.problems() == [
+        f"only {result.round_trips:,} of --requests 1,000,000,000 {unit} completed"
+    ]
+    document = result.to_json()
+    assert (document["ok"], document["problems"]) == (False, result.problems())
+    assert document["latency_ms"] is not None  # what did complete was measured
+
+
+async def test_nothing_echoed_fails_with_one_reason_per_mode(unused_tcp_port: int) -> None:
+    for mode, reason in (
+        ("pingpong", "nothing was echoed: no round trip completed"),
+        ("stream", "nothing was echoed: no byte came back"),
+        ("oneshot", "nothing was echoed: no connection was opened and echoed"),
+    ):
+        result = await bench(
+            mode=mode, port=unused_tcp_port, size=64, max_errors=1000, duration=0.3
+        )
+        assert result.errors > 0, mode
+        assert result.problems() == [reason], mode
+        assert result.to_json()["latency_ms"] is None
+
+
+async def test_tls_against_a_plaintext_server_is_named(plaintext_port: int) -> None:
+    result = await bench(mode="pingpong", tls=True, port=plaintext_port, connections=1)
+    assert not result.ok
+    assert len(result.error_kinds) == 1
+    [kind] = result.error_kinds
+    assert kind.startswith("connect: TLS: the server did not speak TLS ("), kind
+
+
+async def test_a_host_that_does_not_resolve_is_named_in_the_errors() -> None:
+    # run_bench checks the name first; this is a name that stops resolving during a run.
+    config = BenchConfig(mode="pingpong", connections=1, size=64, duration=5,
+                         host="no-such-host.invalid", port=7)  # fmt: skip
+    summary = await Driver(config, lambda sample: None).run()
+    [kind] = summary.error_kinds
+    assert kind.startswith("connect: cannot resolve no-such-host.invalid: "), kind
