@@ -84,7 +84,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             *names,
             dest=option.name,
             default=argparse.SUPPRESS,
-            help=f"{option.help} (default: {option.default!r}; env {option.environment_variable})",
+            help=f"{option.help} (default: {_default_text(option)}; "
+            f"env {option.environment_variable})",
             **extra,
         )
     parser.add_argument(
@@ -98,6 +99,13 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the effective configuration as TOML and exit",
     )
+
+
+def _default_text(option: Option) -> str:
+    """The default as --help shows it; no `listen` means one listener on --host and --port."""
+    if option.name == "listen":
+        return "tcp://HOST:PORT from --host/--port"
+    return repr(option.default)
 
 
 def _metavar(option: Option) -> str:

@@ -8,6 +8,7 @@ logs, metrics, workers). `echo_async.sources` merges flags, environment and file
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -32,12 +33,28 @@ PROXY_PROTOCOL_CHOICES = ("off", "required", "optional")
 
 
 class ConfigError(ValueError):
-    """An invalid option value; `str()` is one line naming the option (flag, variable or key)."""
+    """An invalid option value; `str()` is one line naming the option as its source spells it.
 
-    def __init__(self, option: str, message: str) -> None:
+    `option` is that spelling: the field (`listen`) when a constructor raised the error, the
+    flag, variable or file key (`--listen`, `ECHO_ASYNC_LISTEN`, `echo.toml: listen`) once a
+    front end renamed it. `field` is the ServerConfig or ServiceConfig field at fault, the key a
+    front end renames by; None when the error is about no one field (a config file, a socket).
+    """
+
+    def __init__(self, option: str, message: str, *, field: str | None = None) -> None:
         super().__init__(f"{option}: {message}")
         self.option = option
         self.message = message
+        self.field = field
+
+    def renamed(self, option: str) -> ConfigError:
+        """The same error naming its option as `option` (a front end's spelling of the field)."""
+        return ConfigError(option, self.message, field=self.field)
+
+
+def _invalid(name: str, message: str) -> ConfigError:
+    """A ConfigError about field `name`, named as the Python API spells it."""
+    return ConfigError(name, message, field=name)
 
 
 def _option(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -52,7 +69,8 @@ class ServerConfig:
     timeouts are off when 0.
     """
 
-    listen: tuple[str, ...] = field(
+    # Any sequence of URLs is accepted (a list from Python, say); it is stored as a tuple.
+    listen: Sequence[str] = field(
         default=(),
         metadata=_option(
             "listener URL, repeatable: tcp://HOST:PORT, tls://HOST:PORT, udp://HOST:PORT, "
@@ -204,15 +222,15 @@ class ServerConfig:
         _check_str(self, "tls_alpn", allow_empty=True)
         for protocol in self.alpn_protocols:
             if not protocol.isascii() or not 1 <= len(protocol) <= 255:
-                raise ConfigError("--tls-alpn", f"{protocol!r} is not a protocol name")
+                raise _invalid("tls_alpn", f"{protocol!r} is not a protocol name")
         if not self.tls_handshake_timeout:
-            raise ConfigError("--tls-handshake-timeout", "must be more than 0")
+            raise _invalid("tls_handshake_timeout", "must be more than 0")
         try:
             mode = int(self.unix_mode, 8)
         except ValueError:
-            raise ConfigError("--unix-mode", f"{self.unix_mode!r} is not an octal mode") from None
+            raise _invalid("unix_mode", f"{self.unix_mode!r} is not an octal mode") from None
         if not 0 <= mode <= 0o777:
-            raise ConfigError("--unix-mode", f"{self.unix_mode} is not a mode in 0..0777")
+            raise _invalid("unix_mode", f"{self.unix_mode} is not a mode in 0..0777")
         _check_seconds(self, "udp_rate")
         _check_int(self, "udp_burst", 1, 1 << 20)
         _check_choice(self, "proxy_protocol")
@@ -220,18 +238,18 @@ class ServerConfig:
         try:
             parse_networks(self.proxy_trusted)
         except ValueError as error:
-            raise ConfigError("--proxy-trusted", str(error)) from None
+            raise _invalid("proxy_trusted", str(error)) from None
         _check_seconds(self, "proxy_header_timeout")
         if not self.proxy_header_timeout:
-            raise ConfigError("--proxy-header-timeout", "must be more than 0")
+            raise _invalid("proxy_header_timeout", "must be more than 0")
         _check_str(self, "greeting", allow_empty=True)
         if "\n" in self.greeting or "\r" in self.greeting:
-            raise ConfigError("--greeting", "must be one line")
+            raise _invalid("greeting", "must be one line")
         try:
             self.greeting.format(hostname="", pid=0, port=0, worker=0)
         except (KeyError, IndexError, ValueError) as error:
-            raise ConfigError(
-                "--greeting",
+            raise _invalid(
+                "greeting",
                 f"unknown placeholder {error}; use {{hostname}} {{pid}} {{port}} {{worker}}",
             ) from None
         for name in ("fault_delay", "fault_jitter"):
@@ -240,19 +258,9 @@ class ServerConfig:
         _check_int(self, "fault_rate", 0, 1 << 40)
         _check_int(self, "fault_reset_after", 0, 1 << 62)
         if not isinstance(self.fault_drop, int | float) or not 0 <= self.fault_drop <= 1:
-            raise ConfigError("--fault-drop", f"{self.fault_drop!r} is not a probability in 0..1")
+            raise _invalid("fault_drop", f"{self.fault_drop!r} is not a probability in 0..1")
         _check_int(self, "fault_seed", -1, (1 << 63) - 1)
-        if not isinstance(self.listen, tuple):
-            raise ConfigError("--listen", f"expected a list of URLs, got {self.listen!r}")
-        for url in self.listen:
-            if not isinstance(url, str):
-                raise ConfigError("--listen", f"expected a URL, got {url!r}")
-            try:
-                listener = parse_listener(url)
-            except ListenerError as error:
-                raise ConfigError("--listen", str(error)) from None
-            if listener.scheme == "tls" and not (self.tls_cert and self.tls_key):
-                raise ConfigError("--listen", f"{url} needs --tls-cert and --tls-key")
+        _check_listen(self)
 
     @property
     def alpn_protocols(self) -> list[str]:
@@ -307,7 +315,7 @@ class ServiceConfig:
         _check_seconds(self, "drain_delay")
         _check_str(self, "metrics", allow_empty=True)
         if self.metrics:
-            parse_host_port(self.metrics, option_flag("metrics"))
+            parse_host_port(self.metrics, "metrics", field="metrics")
         _check_int(self, "workers", 1, MAX_WORKERS)
 
 
@@ -337,7 +345,7 @@ _KINDS: dict[str, type[Any]] = {
     "float": float,
     "str": str,
     "bool": bool,
-    "tuple[str, ...]": tuple,
+    "Sequence[str]": tuple,
 }
 
 
@@ -384,25 +392,53 @@ def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def parse_host_port(text: str, option: str) -> tuple[str, int]:
+def parse_host_port(text: str, option: str, *, field: str | None = None) -> tuple[str, int]:
     """`HOST:PORT` or `[V6]:PORT` -> (host, port); ConfigError naming `option` otherwise."""
     host, separator, port_text = text.rpartition(":")
     if not separator or not host or not port_text.isdigit():
-        raise ConfigError(option, f"expected HOST:PORT, got {text!r}")
+        raise ConfigError(option, f"expected HOST:PORT, got {text!r}", field=field)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     port = int(port_text)
     if not 0 <= port <= 65535:
-        raise ConfigError(option, f"port {port} is out of range 0..65535")
+        raise ConfigError(option, f"port {port} is out of range 0..65535", field=field)
     return host, port
 
 
 def _check_str(config: Any, name: str, *, allow_empty: bool) -> None:
     value = getattr(config, name)
     if not isinstance(value, str):
-        raise ConfigError(option_flag(name), f"expected a string, got {value!r}")
+        raise _invalid(name, f"expected a string, got {value!r}")
+    _check_text(name, value)
     if not allow_empty and not value:
-        raise ConfigError(option_flag(name), "must not be empty")
+        raise _invalid(name, "must not be empty")
+
+
+def _check_text(name: str, value: str) -> None:
+    # A byte that is not UTF-8 in argv or the environment reaches Python as a lone surrogate
+    # (surrogateescape). Such text can't be sent, logged as JSON or written to a TOML file.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(name, f"not valid UTF-8 text: {value!r}") from None
+
+
+def _check_listen(config: ServerConfig) -> None:
+    urls = config.listen
+    if isinstance(urls, str | bytes | bytearray) or not isinstance(urls, Sequence):
+        raise _invalid("listen", f"expected a list of URLs, got {urls!r}")
+    # Frozen: the stored value is the tuple, whatever sequence the caller passed.
+    object.__setattr__(config, "listen", tuple(urls))
+    for url in urls:
+        if not isinstance(url, str):
+            raise _invalid("listen", f"expected a URL, got {url!r}")
+        _check_text("listen", url)
+        try:
+            listener = parse_listener(url)
+        except ListenerError as error:
+            raise _invalid("listen", str(error)) from None
+        if listener.scheme == "tls" and not (config.tls_cert and config.tls_key):
+            raise _invalid("listen", f"{url} needs --tls-cert and --tls-key")
 
 
 def _check_choice(config: Any, name: str) -> None:
@@ -411,29 +447,29 @@ def _check_choice(config: Any, name: str) -> None:
         item.metadata["choices"] for item in fields(config) if item.name == name
     )
     if value not in allowed:
-        raise ConfigError(option_flag(name), f"{value!r} is not one of {', '.join(allowed)}")
+        raise _invalid(name, f"{value!r} is not one of {', '.join(allowed)}")
 
 
 def _check_bool(config: Any, name: str) -> None:
     value = getattr(config, name)
     if not isinstance(value, bool):
-        raise ConfigError(option_flag(name), f"expected true or false, got {value!r}")
+        raise _invalid(name, f"expected true or false, got {value!r}")
 
 
 def _check_int(config: Any, name: str, low: int, high: int) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(option_flag(name), f"expected an integer, got {value!r}")
+        raise _invalid(name, f"expected an integer, got {value!r}")
     if not low <= value <= high:
-        raise ConfigError(option_flag(name), f"{value} is out of range {low}..{high}")
+        raise _invalid(name, f"{value} is out of range {low}..{high}")
 
 
 def _check_seconds(config: Any, name: str) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(option_flag(name), f"expected seconds, got {value!r}")
+        raise _invalid(name, f"expected seconds, got {value!r}")
     if not math.isfinite(value) or value < 0:
-        raise ConfigError(option_flag(name), f"{value} is not a non-negative number of seconds")
+        raise _invalid(name, f"{value} is not a non-negative number of seconds")
 
 
 OPTIONS: tuple[Option, ...] = _collect_options()

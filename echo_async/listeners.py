@@ -7,9 +7,14 @@ listener. IPv6 hosts are written in brackets, `tcp://[::1]:12000`.
 from __future__ import annotations
 
 import ipaddress
+import os
+import sys
 from dataclasses import dataclass
 
 SCHEMES = ("tcp", "tls", "udp", "unix")
+# Bytes a Unix socket path may have: sockaddr_un.sun_path (108 on Linux, 104 on macOS and the
+# BSDs) less the NUL. A longer path fails only at bind, with an OSError that has no errno.
+UNIX_PATH_MAX = (108 if sys.platform.startswith("linux") else 104) - 1
 
 
 class ListenerError(ValueError):
@@ -54,6 +59,12 @@ def parse_listener(url: str) -> Listener:
             raise ListenerError(f"{url!r}: expected an absolute path, unix:///run/echo.sock")
         if "\0" in rest:
             raise ListenerError(f"{url!r}: the path contains a NUL byte")
+        size = len(os.fsencode(rest))
+        if size > UNIX_PATH_MAX:
+            raise ListenerError(
+                f"{url!r}: the path is too long for a Unix socket "
+                f"({size} bytes; the limit is {UNIX_PATH_MAX})"
+            )
         return Listener("unix", path=rest)
     host, port = _split_host_port(url, rest)
     return Listener(scheme, host, port)

@@ -6,6 +6,7 @@ Every error names where the bad value came from: `--port`, `ECHO_ASYNC_PORT`, or
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import tomllib
@@ -54,10 +55,10 @@ def load_service_config(
     try:
         return build_service_config(values)
     except ConfigError as error:
-        name = error.option.removeprefix("--").replace("-", "_")
-        if name in origin:
-            raise ConfigError(origin[name], error.message) from None
-        raise
+        if error.field is None:
+            raise
+        # The constructors name the field; say where the user wrote it (a default: its flag).
+        raise error.renamed(origin.get(error.field, option_flag(error.field))) from None
 
 
 def environment_values(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -99,10 +100,18 @@ def read_config_file(path: str) -> dict[str, Any]:
     """Option values from a TOML file of top-level `key = value` lines; unknown keys are errors."""
     try:
         with open(path, "rb") as file:
-            document = tomllib.load(file)
+            data = file.read()
     except OSError as error:
         reason = (error.strerror or str(error)).lower()
         raise ConfigError("--config", f"cannot read {path}: {reason}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            "--config", f"{path} is not UTF-8 text ({_not_utf8(data, error)})"
+        ) from None
+    try:
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError("--config", f"{path} is not valid TOML: {error}") from None
     values = {}
@@ -114,6 +123,14 @@ def read_config_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"{path}: {key}", f"unknown option{suggestion}")
         values[key] = _typed_file_value(option, value, f"{path}: {key}")
     return values
+
+
+def _not_utf8(data: bytes, error: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, and the likely reason when its start says."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "it is UTF-16; save it as UTF-8"
+    line = data.count(b"\n", 0, error.start) + 1
+    return f"byte 0x{data[error.start]:02x} on line {line}"
 
 
 def _typed_file_value(option: Option, value: Any, source: str) -> Any:

@@ -62,6 +62,16 @@ def test_booleans_from_environment_and_file(tmp_path: Path) -> None:
         ({}, {}, 'loop = "trio"\n', "echo.toml: loop: 'trio' is not one of auto, uvloop, asyncio"),
         ({}, {}, 'metrics = "nohost"\n', "echo.toml: metrics: expected HOST:PORT"),
         ({"workers": 0}, {}, None, "--workers: 0 is out of range"),
+        # ServerConfig names the field (listen); each source names it as the user wrote it.
+        ({"listen": ("sctp://h:1",)}, {}, None, "--listen: 'sctp://h:1': expected"),
+        ({}, {"ECHO_ASYNC_LISTEN": "sctp://h:1"}, None, "ECHO_ASYNC_LISTEN: 'sctp://h:1'"),
+        ({}, {}, 'listen = ["sctp://h:1"]\n', "echo.toml: listen: 'sctp://h:1': expected"),
+        ({"listen": ("unix:///" + "x" * 200,)}, {}, None, "--listen: 'unix:///xxx"),
+        # Non-UTF-8 bytes in argv or the environment arrive as lone surrogates.
+        ({"greeting": "caf\udce9"}, {}, None, "--greeting: not valid UTF-8 text"),
+        ({}, {"ECHO_ASYNC_GREETING": "caf\udce9"}, None, "ECHO_ASYNC_GREETING: not valid UTF-8"),
+        ({}, {"ECHO_ASYNC_HOST": "h\udcff"}, None, "ECHO_ASYNC_HOST: not valid UTF-8 text"),
+        ({"listen": ("unix:///tmp/\udce9",)}, {}, None, "--listen: not valid UTF-8 text"),
     ],
 )
 def test_errors_name_where_the_bad_value_came_from(
@@ -75,6 +85,26 @@ def test_errors_name_where_the_bad_value_came_from(
     with pytest.raises(ConfigError) as raised:
         load_service_config(flags, environ, path)
     assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'greeting = "caf\xe9"\n', "(byte 0xe9 on line 1)"),
+        (b'port = 1\ngreeting = "\xff"\n', "(byte 0xff on line 2)"),
+        ("port = 1\n".encode("utf-16"), "(it is UTF-16; save it as UTF-8)"),
+        (b"\xfe\xff" + "port = 1\n".encode("utf-16-be"), "(it is UTF-16; save it as UTF-8)"),
+    ],
+)
+def test_a_file_that_is_not_utf8_is_a_config_error(
+    tmp_path: Path, data: bytes, reason: str
+) -> None:
+    path = tmp_path / "echo.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as raised:
+        load_service_config({}, {}, str(path))
+    assert str(raised.value) == f"--config: {path} is not UTF-8 text {reason}"
     assert "\n" not in str(raised.value)
 
 

@@ -79,6 +79,13 @@ def test_second_sigint_aborts_a_stuck_drain(tmp_path: Path) -> None:
         (["--log-level", "loud"], "argument --log-level: invalid choice"),
         (["--no-such-option"], "unrecognized arguments: --no-such-option"),
         (["--host", "no-such-host.invalid"], "cannot listen on no-such-host.invalid:"),
+        # subprocess passes a lone surrogate as the byte it escapes: argv holds caf\xe9.
+        (["--greeting", "caf\udce9", "--print-config"], "--greeting: not valid UTF-8 text"),
+        (["--listen", "unix:///tmp/\udce9.sock", "--print-config"], "--listen: not valid UTF-8"),
+        (
+            ["--listen", "unix:///tmp/" + "x" * 200],
+            "the path is too long for a Unix socket (205 bytes; the limit is ",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(arguments: list[str], message: str) -> None:
@@ -193,3 +200,55 @@ def test_busy_port_among_several_listeners_names_that_listener() -> None:
     assert result.stderr.strip() == (
         f"echo-async serve: error: cannot listen on {busy}: address already in use"
     )
+
+
+@pytest.mark.parametrize("arguments", [["--print-config"], ["--workers", "2"]])
+def test_environment_text_that_is_not_utf8_exits_2(arguments: list[str]) -> None:
+    result = subprocess.run(
+        [*cli_command(), "serve", "--port", "0", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "ECHO_ASYNC_GREETING": "caf\udce9"},  # the byte 0xe9 in environ
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "echo-async serve: error: ECHO_ASYNC_GREETING: not valid UTF-8 text: 'caf\\udce9'"
+    ]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'greeting = "caf\xe9"\n', "byte 0xe9 on line 1"),
+        ("port = 1\n".encode("utf-16"), "it is UTF-16; save it as UTF-8"),
+    ],
+)
+def test_config_file_that_is_not_utf8_exits_2(tmp_path: Path, data: bytes, reason: str) -> None:
+    path = tmp_path / "echo.toml"
+    path.write_bytes(data)
+    result = subprocess.run(
+        [*cli_command(), "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"echo-async serve: error: --config: {path} is not UTF-8 text ({reason})"
+    ]
+
+
+def test_help_shows_what_listen_defaults_to() -> None:
+    result = subprocess.run(
+        [*cli_command(), "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # undo argparse's wrapping
+    assert "(default: ()" not in text
+    assert "(default: tcp://HOST:PORT from --host/--port; env ECHO_ASYNC_LISTEN)" in text
