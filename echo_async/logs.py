@@ -1,8 +1,11 @@
-"""structlog configuration for the CLI: JSON lines or a console renderer, filtered by level.
+"""How echo-async logs: the library follows its host; the CLI configures structlog.
 
-Only the CLI calls `configure_logging`; the library just gets a logger, so an embedding
-application's own structlog configuration applies to its records.
+`library_logger` is the logger an `EchoServer` takes when it starts. When the host application
+configured structlog, that configuration applies; when it did not, records go to the stdlib
+`logging` logger `echo_async`, so the host's logging levels and handlers apply and nothing is
+printed that the host did not ask for. The library never configures either.
 
+Only the CLI calls `configure_logging`: JSON lines or console text on stdout, filtered by level.
 Every connection ends with a close record, so with many short connections the record is a
 large part of a connection's cost. The pipeline is kept short for that: one JSON encoder made
 once (not one per record), a timestamp that formats the date once a second, and lines written
@@ -15,6 +18,7 @@ import asyncio
 import atexit
 import json
 import logging
+import re
 import select
 import sys
 import threading
@@ -29,6 +33,71 @@ from echo_async.config import LOG_FORMATS, LOG_LEVELS
 
 # The most one write may carry and still reach a pipe whole (4096 on Linux).
 ATOMIC_WRITE = select.PIPE_BUF
+
+# Keyword arguments of logging.Logger's methods: passed to logging as such, not as fields.
+_LOGGING_KEYWORDS = ("exc_info", "stack_info", "stacklevel")
+# A LogRecord's own attributes: logging refuses `extra` that would overwrite one (KeyError).
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# A field value written without quotes in a stdlib message.
+_BARE_VALUE = re.compile(r'[^\s="\\]+')
+
+
+def library_logger(name: str) -> Any:
+    """The logger the library's records go through, as the host application set logging up.
+
+    When the host configured structlog, its configuration applies (`structlog.get_logger`).
+    Otherwise the records go to the stdlib `logging` logger `name`, through structlog's stdlib
+    integration but without configuring structlog: the host's levels, handlers and filters
+    apply, and a record below the logger's level is dropped before it is formatted. Take it
+    when a server starts, so the host's configuration at that moment decides.
+    """
+    if structlog.is_configured():
+        return structlog.get_logger(name).bind()
+    return StdlibLogger(
+        logging.getLogger(name),
+        processors=[structlog.stdlib.filter_by_level, render_to_stdlib],
+        context={},
+    )
+
+
+class StdlibLogger(structlog.stdlib.BoundLogger):
+    """structlog's BoundLogger over a `logging.Logger`, with `is_enabled_for` on any version.
+
+    structlog's own gained `is_enabled_for` in 26.1; echo-async supports 24.1 and later.
+    """
+
+    def is_enabled_for(self, level: int) -> bool:
+        """Whether the stdlib logger (its level, its parents', `disabled`) lets `level` through."""
+        return self._logger.isEnabledFor(level)
+
+
+def render_to_stdlib(
+    logger: WrappedLogger, name: str, event_dict: EventDict
+) -> tuple[tuple[str], dict[str, Any]]:
+    """The last processor for a stdlib logger: the message is `event key=value ...`.
+
+    The fields also become attributes of the `LogRecord` (`record.peer`), except those a
+    LogRecord owns already, for handlers and formatters that read them; `exc_info`,
+    `stack_info` and `stacklevel` are passed to logging as its own keyword arguments.
+    """
+    keywords: dict[str, Any] = {
+        key: event_dict.pop(key) for key in _LOGGING_KEYWORDS if key in event_dict
+    }
+    event = event_dict.pop("event", "")
+    message = " ".join(
+        [str(event), *(f"{key}={_field_text(value)}" for key, value in event_dict.items())]
+    )
+    keywords["extra"] = {
+        key: value for key, value in event_dict.items() if key not in _RECORD_ATTRIBUTES
+    }
+    return (message,), keywords
+
+
+def _field_text(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    if text.isprintable() and _BARE_VALUE.fullmatch(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 def resolve_format(requested: str, stream: IO[str]) -> str:

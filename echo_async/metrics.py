@@ -29,6 +29,11 @@ DURATION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 SYNC_INTERVAL_S = 1.0
 _REQUEST_TIMEOUT_S = 5.0
 _MAX_REQUEST_LINE = 8192
+# A whole request (line and headers) larger than this is answered 431 and closed, after at most
+# this long (or this much) of reading and dropping what the client still sends.
+_MAX_REQUEST_BYTES = 16 * 1024
+_LINGER_S = 1.0
+_LINGER_BYTES = 1024 * 1024
 
 
 class TransportTotals(NamedTuple):
@@ -41,9 +46,12 @@ class TransportTotals(NamedTuple):
 
 
 class ServerMetrics:
-    """The echo_* collectors, registered on `registry` (never the global one unless passed).
+    """The echo_* Prometheus collectors, on `registry` (never the global one unless passed).
 
-    Per-connection series carry a `transport` label: tcp, tls, unix or udp.
+    Pass one to `EchoServer(config, metrics=ServerMetrics(registry))`: the server keeps it up to
+    date (its counters once a second and at close, closes and rejections as they happen); serve
+    `registry` however your application exposes metrics. Per-connection series carry a
+    `transport` label: tcp, tls, unix or udp.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -78,6 +86,12 @@ class ServerMetrics:
             "How long served connections stayed open.",
             ["transport"],
             buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.resource_errors = Counter(
+            "echo_resource_errors",
+            "Socket operations the kernel refused for lack of memory: ENOBUFS, ENOMEM.",
+            ["errno"],
             registry=registry,
         )
         self.datagrams_received = Counter(
@@ -135,6 +149,9 @@ class ServerMetrics:
     def rejected(self, reason: str) -> None:
         self.connections_rejected.labels(reason=reason).inc()
 
+    def resource_error(self, errno_name: str) -> None:
+        self.resource_errors.labels(errno=errno_name).inc()
+
     def faults(self, kind: str, count: int) -> None:
         self.faults_injected.labels(kind=kind).inc(count)
 
@@ -146,8 +163,8 @@ class MetricsEndpoint:
     """A minimal HTTP/1.1 responder on the running loop: GET /metrics and GET /healthz.
 
     `healthy()` decides /healthz: 200 while the service accepts, 503 while it drains. Requests
-    are bounded (one request line of at most 8 KiB, headers read within 5 s), so a hostile
-    client costs one connection and a timeout, never the service.
+    are bounded (a line of at most 8 KiB, a request of at most 16 KiB, read within 5 s), so a
+    hostile client costs one connection and a timeout, never the service.
     """
 
     def __init__(
@@ -197,8 +214,21 @@ class MetricsEndpoint:
 
     async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request_line = await reader.readline()
-        while (await reader.readline()).strip():
-            pass  # headers are not needed
+        size = len(request_line)
+        while line := await reader.readline():
+            size += len(line)
+            if size > _MAX_REQUEST_BYTES:
+                # Headers are not needed, and a client that keeps sending them is not a
+                # scraper: answer once and close rather than read for the whole timeout.
+                writer.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                writer.write_eof()
+                await _discard(reader)
+                return
+            if not line.strip():
+                break
         parts = request_line.split()
         method = parts[0] if parts else b""
         path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
@@ -224,3 +254,15 @@ class MetricsEndpoint:
         ).encode("ascii")
         writer.write(head if method == b"HEAD" else head + body)
         await writer.drain()
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    """Read and drop what the client still sends, bounded in bytes and time.
+
+    Closing with unread bytes would reset the client's stream and lose the answer just sent.
+    """
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(_LINGER_S):
+            dropped = 0
+            while dropped < _LINGER_BYTES and (chunk := await reader.read(65536)):
+                dropped += len(chunk)

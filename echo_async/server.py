@@ -1,9 +1,10 @@
 """EchoServer: starts one ServerConfig's listeners, closes them gracefully, reports stats.
 
 The server never touches process-wide state: no event loop policy, no signal handlers, no logging
-configuration. It logs through `structlog.get_logger("echo_async")`; the host application decides
-where those records go. What happens to a connection, from accept to its close record, is
-`ServerState`'s (state.py); the server holds one Site per listener (sites.py).
+configuration. Its records follow the host application: structlog when the host configured it, else
+the stdlib `logging` logger `echo_async` (`logs.library_logger`). What happens to a connection,
+from accept to its close record, is `ServerState`'s (state.py); the server holds one Site per
+listener (sites.py).
 """
 
 from __future__ import annotations
@@ -35,13 +36,22 @@ class Stats:
     """A snapshot of a server's counters since it started (bytes include UDP datagrams)."""
 
     connections_active: int
+    """Connections open now (TCP, TLS and Unix; UDP has none)."""
     connections_total: int
+    """Connections served since start, open ones included."""
     bytes_in: int
+    """Bytes received from clients: stream payload and UDP datagrams."""
     bytes_out: int
+    """Bytes echoed back to clients: stream payload and UDP datagrams."""
     connections_rejected: int = 0
+    """Connections refused: over a connection limit, a missing or bad PROXY header, a failed
+    TLS handshake."""
     datagrams_in: int = 0
+    """UDP datagrams received."""
     datagrams_out: int = 0
+    """UDP datagrams echoed."""
     datagrams_dropped: int = 0
+    """UDP datagrams not answered: rate limit, loop protection, backpressure, injected faults."""
 
 
 class EchoServer:
@@ -282,7 +292,10 @@ class EchoServer:
             if site.datagram is not None and len(site.datagram.buckets) > 1024:
                 site.datagram.prune(now)
         if self.metrics is not None and now >= self._metrics_due:
-            self._metrics_due = now + SYNC_INTERVAL_S
+            # The sweep's timer runs on the loop's clock, which can fire a hair before
+            # time.monotonic() reaches the due time (uvloop): half a sweep of slack keeps the
+            # sync at every SYNC_INTERVAL_S instead of every other one.
+            self._metrics_due = now + SYNC_INTERVAL_S - self._sweeper.interval / 2
             self._sync_metrics()
 
     def _sync_metrics(self) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 import structlog
@@ -37,7 +39,8 @@ EXIT_ABORTED = 128 + signal.SIGINT
 # Set by the supervisor for its workers: where prometheus_client keeps per-process values.
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
 
-_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_DESCRIPTOR_ERRNOS = (errno.EMFILE, errno.ENFILE)
+_MEMORY_ERRNOS = (errno.ENOBUFS, errno.ENOMEM)
 
 
 class StartupError(Exception):
@@ -60,10 +63,10 @@ def run_service(service: ServiceConfig, loop: LoopChoice) -> int:
 async def _serve(service: ServiceConfig, loop_name: str) -> int:
     log = structlog.get_logger("echo_async.service")
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_quiet_resource_errors)
     metrics = None
     if service.metrics or os.environ.get(MULTIPROCESS_DIRECTORY):
         metrics = ServerMetrics(CollectorRegistry())
+    loop.set_exception_handler(ResourceErrorFilter(log, metrics))
     config = service.server
     server = EchoServer(config, sockets=systemd.listen_fds(), metrics=metrics)
     try:
@@ -136,17 +139,46 @@ def _where(config: ServerConfig, error: OSError) -> str:
     return str(error.filename) if error.filename is not None else ", ".join(config.listen)
 
 
-def _quiet_resource_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Drop asyncio's per-accept EMFILE reports: the server logs such an episode once itself.
+class ResourceErrorFilter:
+    """The loop's exception handler: resource errors become counted one-line warnings.
 
     asyncio's selector loop answers EMFILE on accept with one report and one retry timer per
     backlog slot; timers still pending when the server closes then fail on the closed socket
     ("Invalid file descriptor: -1" in `_start_serving`). Both are noise about a condition the
-    server already reports; everything else goes to the default handler.
+    server already reports once per episode (see limits.DescriptorWatch), so they are dropped.
+    ENOBUFS and ENOMEM (the kernel out of memory for sockets) are counted in
+    `echo_resource_errors_total{errno}` and logged, at most once a second. Everything else goes
+    to the default handler.
     """
-    exception = context.get("exception")
-    if isinstance(exception, OSError) and exception.errno in _RESOURCE_ERRNOS:
-        return
-    if isinstance(exception, ValueError) and "_start_serving" in repr(context.get("handle")):
-        return
-    loop.default_exception_handler(context)
+
+    def __init__(self, log: Any, metrics: ServerMetrics | None) -> None:
+        self.log = log
+        self.metrics = metrics
+        self.counts: dict[str, int] = {}
+        self._logged_at = -math.inf
+        self._unlogged = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exception = context.get("exception")
+        if isinstance(exception, OSError) and exception.errno in _DESCRIPTOR_ERRNOS:
+            return
+        if isinstance(exception, OSError) and exception.errno in _MEMORY_ERRNOS:
+            name = errno.errorcode[exception.errno]
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if self.metrics is not None:
+                self.metrics.resource_error(name)
+            self._unlogged += 1
+            now = time.monotonic()
+            if now - self._logged_at >= 1.0:
+                self.log.warning(
+                    "the kernel is out of memory for sockets",
+                    errno=name,
+                    errors=self._unlogged,
+                    message=str(context.get("message", "")),
+                )
+                self._logged_at = now
+                self._unlogged = 0
+            return
+        if isinstance(exception, ValueError) and "_start_serving" in repr(context.get("handle")):
+            return
+        loop.default_exception_handler(context)

@@ -18,8 +18,6 @@ import ssl
 import time
 from typing import Any, cast
 
-import structlog
-
 from echo_async.config import WORKER_ENVIRONMENT_VARIABLE, ServerConfig
 from echo_async.connection import (
     LINGER_S,
@@ -34,6 +32,7 @@ from echo_async.connection import (
 )
 from echo_async.faults import FaultPlan, FaultyConnection
 from echo_async.limits import Admission, DescriptorWatch
+from echo_async.logs import library_logger
 from echo_async.metrics import ServerMetrics, TransportTotals
 from echo_async.proxy_protocol import is_trusted, parse_networks
 from echo_async.tls import handshake_error, upgrade
@@ -51,11 +50,12 @@ class ServerState:
         self.metrics = metrics
         self.connections: set[EchoConnection] = set()
         self.tls_context: ssl.SSLContext | None = None
-        self.log: Any = structlog.get_logger(LOGGER_NAME)
+        self.log: Any = library_logger(LOGGER_NAME)
         self.log_opens = True
         self.opened: dict[str, int] = {}
         self.closed_bytes: dict[str, list[int]] = {}
         self.rejected = 0
+        self._accepted = 0
         self.closing = False
         self.closed = False
         self.drain_deadline = 0.0
@@ -72,8 +72,12 @@ class ServerState:
         )
 
     def bind_logger(self) -> None:
-        """Take the logger now (at start), so the host's logging configuration applies."""
-        self.log = structlog.get_logger(LOGGER_NAME).bind()
+        """Take the logger now (at start), so the host's logging configuration applies.
+
+        structlog's when the host configured structlog, else the stdlib logger `echo_async`
+        (see `logs.library_logger`); nothing is configured here either way.
+        """
+        self.log = library_logger(LOGGER_NAME)
         enabled = getattr(self.log, "is_enabled_for", None)
         # Per connection, the open record's formatting costs as much as the record: skip both
         # when debug records are filtered out anyway.
@@ -113,11 +117,11 @@ class ServerState:
                 kind,
                 self._reads,
                 plan=self._fault_plan,
-                serial=sum(self.opened.values()),
+                serial=self._accepted,
             )
         connection.admitted_host = host
+        self._accepted += 1
         self.connections.add(connection)
-        self.opened[kind] = self.opened.get(kind, 0) + 1
         self.idle.clear()
         transport.set_protocol(connection)
         if self._proxy_networks is not None and kind != "unix":
@@ -218,6 +222,10 @@ class ServerState:
             self.connection_closed(connection, "connection closed", error=detail)
 
     def connection_opened(self, connection: EchoConnection) -> None:
+        # Counted as served once it echoes: a connection refused for its PROXY header or its
+        # TLS handshake counts as rejected only.
+        kind = connection.kind
+        self.opened[kind] = self.opened.get(kind, 0) + 1
         transport = connection.transport
         transport.set_write_buffer_limits(high=self.config.write_buffer_high)
         if self.config.greeting:
@@ -357,7 +365,7 @@ class ServerState:
             sums[0] += connection.bytes_in
             sums[1] += connection.bytes_out - connection.transport.get_write_buffer_size()
         totals = {}
-        for kind in set(self.opened) | set(live):
+        for kind in set(self.opened) | set(self.closed_bytes) | set(live):
             closed = self.closed_bytes.get(kind, [0, 0])
             sums = live.get(kind, [0, 0])
             totals[kind] = TransportTotals(

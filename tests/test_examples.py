@@ -23,6 +23,14 @@ RUNS: list[tuple[str, list[str], list[str]]] = [
         [],
         ["echoed: ping", "signal received, draining", "closed after 1 connection(s)"],
     ),
+    (
+        "textbook.py",
+        [],
+        [
+            "echoed: any sentence, any bytes",
+            "split across two reads: UnicodeDecodeError: unexpected end of data",
+        ],
+    ),
     ("test_client_with_fixture.py", [*PYTEST, "-o", "asyncio_mode=strict"], ["2 passed"]),
     ("test_client_with_fixture.py", [*PYTEST, "-o", "asyncio_mode=auto"], ["2 passed"]),
 ]

@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import io
 import json
+import logging
 import re
 import select
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import structlog
 
-from echo_async.logs import configure_logging, resolve_format
+from echo_async.logs import configure_logging, library_logger, resolve_format
 
 
 @pytest.fixture(autouse=True)
@@ -225,3 +226,83 @@ def test_json_lines_match_json_dumps_and_a_circular_value_fails_alone() -> None:
     assert {key: first[key] for key in fields} == json.loads(json.dumps(fields))
     assert stream.getvalue().splitlines()[0] == json.dumps(first)
     assert after["value"] == {"n": 1}
+
+
+# -- the library's logger: the host's structlog, else stdlib logging --------------------------
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def stdlib_records() -> Any:
+    """A handler on a stdlib logger of our own, at DEBUG; structlog left unconfigured."""
+    structlog.reset_defaults()
+    logger = logging.getLogger("echo_async.test_logs")
+    records = Records()
+    logger.addHandler(records)
+    logger.setLevel(logging.DEBUG)
+    yield records
+    logger.removeHandler(records)
+    logger.setLevel(logging.NOTSET)
+
+
+def test_unconfigured_structlog_sends_records_to_stdlib_logging(
+    stdlib_records: Records, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = library_logger("echo_async.test_logs")
+    log.info("connection closed", peer="127.0.0.1:1", bytes_in=3, error="no PROXY header")
+    (record,) = stdlib_records.records
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == (
+        'connection closed peer=127.0.0.1:1 bytes_in=3 error="no PROXY header"'
+    )
+    assert record.__dict__["peer"] == "127.0.0.1:1"
+    assert record.__dict__["bytes_in"] == 3
+    assert capsys.readouterr().out == ""
+    assert not structlog.is_configured()
+
+
+def test_the_stdlib_logger_level_decides_and_is_enabled_for_follows_it(
+    stdlib_records: Records,
+) -> None:
+    logging.getLogger("echo_async.test_logs").setLevel(logging.INFO)
+    log = library_logger("echo_async.test_logs")
+    assert not log.is_enabled_for(logging.DEBUG)
+    assert log.is_enabled_for(logging.INFO)
+    log.debug("connection opened")
+    assert stdlib_records.records == []
+    logging.getLogger("echo_async.test_logs").setLevel(logging.DEBUG)
+    assert log.is_enabled_for(logging.DEBUG)
+
+
+def test_stdlib_records_keep_tracebacks_and_survive_fields_a_log_record_owns(
+    stdlib_records: Records,
+) -> None:
+    log = library_logger("echo_async.test_logs")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("accounting failed", name="n", message="m", args=[1])
+    (record,) = stdlib_records.records
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+    assert record.exc_info[0] is RuntimeError
+    assert record.name == "echo_async.test_logs"  # the field did not overwrite it
+    assert record.getMessage() == "accounting failed name=n message=m args=[1]"
+
+
+def test_configured_structlog_is_used_and_stdlib_logging_gets_nothing(
+    stdlib_records: Records,
+) -> None:
+    stream = io.StringIO()
+    configure_logging("json", "info", stream)  # what the CLI does
+    library_logger("echo_async.test_logs").info("connection closed", bytes_in=3)
+    assert json.loads(stream.getvalue())["bytes_in"] == 3
+    assert stdlib_records.records == []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from echo_async import EchoServer, ServerConfig
@@ -77,3 +79,49 @@ async def test_hostile_clients_do_not_stall_the_endpoint() -> None:
         flood[1].close()
     finally:
         await endpoint.close()  # must not hang on the silent client
+
+
+async def test_a_request_with_endless_headers_is_cut_off() -> None:
+    endpoint = MetricsEndpoint("127.0.0.1", 0, CollectorRegistry(), lambda: True)
+    await endpoint.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\n")
+        header = b"X-Padding: " + b"a" * 100 + b"\r\n"
+        try:
+            for _ in range(2000):  # 220 KB of headers and never the blank line
+                writer.write(header)
+            await writer.drain()
+        except ConnectionError:
+            pass  # the server may close while we are still sending: that is the point
+        response = b""
+        with contextlib.suppress(ConnectionError):
+            response = await asyncio.wait_for(reader.read(), 4)
+        assert response.startswith(b"HTTP/1.1 431 ")
+        writer.close()
+    finally:
+        await endpoint.close()
+
+
+class CountingMetrics(ServerMetrics):
+    syncs = 0
+
+    def sync(self, *args: object, **kwargs: object) -> None:
+        self.syncs += 1
+
+
+async def test_metrics_sync_every_second_even_when_the_timer_fires_early(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import echo_async.server
+
+    clock = [1000.0]
+    monkeypatch.setattr(echo_async.server.time, "monotonic", lambda: clock[0])
+    metrics = CountingMetrics(CollectorRegistry())
+    server = EchoServer(ServerConfig(host="127.0.0.1", port=0), metrics=metrics)
+    server._tick()
+    # The next ticks fire a millisecond early by time.monotonic() (uvloop's clock does that).
+    for second in range(1, 4):
+        clock[0] = 1000.0 + second - 0.001
+        server._tick()
+    assert metrics.syncs == 4

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from echo_async import EchoServer, ServerConfig
 from echo_async.metrics import ServerMetrics
+from tests.conftest import wait_for
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -203,3 +204,15 @@ async def test_eof_while_a_header_might_still_come_is_payload_in_optional_mode(
         assert await asyncio.wait_for(reader.read(), 5) == b"PRO"
         writer.close()
     assert closed(logs)[0]["bytes_in"] == 3
+
+
+async def test_a_connection_rejected_for_its_header_counts_as_rejected_only() -> None:
+    metrics = ServerMetrics(CollectorRegistry())
+    async with EchoServer(config("required"), metrics=metrics) as server:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"not a header\r\n")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+        await wait_for(lambda: server.stats.connections_active == 0)
+        assert (server.stats.connections_total, server.stats.connections_rejected) == (0, 3)
