@@ -9,7 +9,10 @@ C load generator pinned to another (`--load-cpu`, default 1), so the server's co
 Within each round every workload is run against every server, servers interleaved (their order
 rotates from round to round); the report gives each server's median over the rounds and the median
 of its per-round ratios to epoll_echo, which is paired and so robust to the machine drifting.
-The yardsticks (`loadgen`, `epoll_echo`) are built from ../shared/bench with gcc when missing.
+The yardsticks (`loadgen`, `epoll_echo`) are this repository's own C sources in
+benchmarks/yardsticks/, built with `cc` (or `gcc`) into benchmarks/yardsticks/build/ on first use
+and again whenever a source is newer than its binary. For oneshot, `LOADGEN_SRC_IPS=200` in the
+environment spreads loadgen's connections over 200 loopback source addresses (see loadgen.c).
 
 Everything targets 127.0.0.1, every child process is stopped at the end, also on Ctrl-C or SIGTERM.
 """
@@ -42,8 +45,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DEFAULT_BENCH_SOURCES = REPO.parent / "shared" / "bench"
-DEFAULT_TOOLS_DIR = Path("/tmp/echo-bench")
+YARDSTICK_SOURCES = HERE / "yardsticks"
+# Inside the repository and ignored by git (`build/`): a clone needs nothing from elsewhere.
+DEFAULT_TOOLS_DIR = YARDSTICK_SOURCES / "build"
+COMPILE_FLAGS = ("-O2", "-Wall", "-Wextra")
+COMPILE_TIMEOUT_S = 120.0
 HOST = "127.0.0.1"
 REFERENCE = "epoll_echo"
 
@@ -354,26 +360,51 @@ def count_fds(pid: int) -> int:
 # -- the yardsticks ----------------------------------------------------------------------------
 
 
-def ensure_tool(given: Path | None, name: str, sources: Path, tools_dir: Path) -> Path:
-    """The path of a C tool: the one given, or tools_dir/name, built with gcc if it is stale."""
+def ensure_tool(given: Path | None, name: str, tools_dir: Path) -> Path:
+    """The path of a C yardstick: the one given, or tools_dir/name, built first if it is stale."""
     if given is not None:
-        if not os.access(given, os.X_OK):
+        if not (given.is_file() and os.access(given, os.X_OK)):
             raise SystemExit(f"run.py: error: {given} is not an executable")
         return given
-    source = sources / f"{name}.c"
+    source = YARDSTICK_SOURCES / f"{name}.c"
     binary = tools_dir / name
-    if binary.exists() and (
-        not source.exists() or binary.stat().st_mtime >= source.stat().st_mtime
-    ):
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
         return binary
-    if not source.exists():
-        raise SystemExit(f"run.py: error: {source} not found; pass --{name.replace('_', '-')}")
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise SystemExit("run.py: error: gcc not found to build the C yardsticks")
-    tools_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([compiler, "-O2", "-o", str(binary), str(source)], check=True)
+    build_tool(source, binary)
     return binary
+
+
+def find_compiler() -> str:
+    """`cc`, else `gcc`; ends the run with one clear line when neither is installed."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise SystemExit(
+            "run.py: error: no C compiler (cc or gcc) found to build the yardsticks in "
+            f"{YARDSTICK_SOURCES}; install one, or pass --loadgen and --epoll-echo"
+        )
+    return compiler
+
+
+def build_tool(source: Path, binary: Path) -> None:
+    """Compile `source` into `binary`, atomically, so a concurrent run never sees half a file."""
+    compiler = find_compiler()
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_name(f".{binary.name}.{os.getpid()}.partial")
+    try:
+        built = subprocess.run(
+            [compiler, *COMPILE_FLAGS, "-o", str(partial), str(source)],
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
+            check=False,
+        )
+        if built.returncode != 0:
+            raise SystemExit(
+                f"run.py: error: {compiler} could not build {source}:\n{built.stderr.strip()}"
+            )
+        os.replace(partial, binary)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def default_echo_async() -> str:
@@ -883,8 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true", help="write no plot")
     parser.add_argument("--loadgen", type=Path, help="a built loadgen (default: build it)")
     parser.add_argument("--epoll-echo", type=Path, help="a built epoll_echo (default: build it)")
-    parser.add_argument("--bench-sources", type=Path, default=DEFAULT_BENCH_SOURCES)
-    parser.add_argument("--tools-dir", type=Path, default=DEFAULT_TOOLS_DIR)
+    parser.add_argument(
+        "--tools-dir",
+        type=Path,
+        default=DEFAULT_TOOLS_DIR,
+        help="where the yardsticks built from benchmarks/yardsticks/*.c go",
+    )
     parser.add_argument("--echo-async", default=None, help="the echo-async command to test")
     parser.add_argument(
         "--workload",
@@ -972,8 +1007,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     if args.rounds < 3:
         notes.append(f"only {args.rounds} round(s): medians are not robust")
-    loadgen = ensure_tool(args.loadgen, "loadgen", args.bench_sources, args.tools_dir)
-    epoll_echo = ensure_tool(args.epoll_echo, "epoll_echo", args.bench_sources, args.tools_dir)
+    loadgen = ensure_tool(args.loadgen, "loadgen", args.tools_dir)
+    epoll_echo = ensure_tool(args.epoll_echo, "epoll_echo", args.tools_dir)
     echo_async = args.echo_async or default_echo_async()
     servers = choose_servers(args, epoll_echo, echo_async, notes)
     workloads = choose_workloads(args, notes)
@@ -1024,6 +1059,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "server_cpu": args.server_cpu,
             "load_cpu": args.load_cpu,
             "loadgen": str(loadgen),
+            # Set for oneshot: loadgen's connections from this many loopback source addresses.
+            "loadgen_src_ips": os.environ.get("LOADGEN_SRC_IPS"),
             "servers": [asdict(s) for s in servers],
             "workloads": [w.name for w in workloads],
             "ratio": "median over rounds of (server / epoll_echo in the same round)",
