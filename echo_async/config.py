@@ -8,6 +8,8 @@ logs, metrics, workers). `echo_async.sources` merges flags, environment and file
 from __future__ import annotations
 
 import math
+import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -17,7 +19,10 @@ from echo_async.proxy_protocol import parse_networks
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12000
-DEFAULT_BACKLOG = 1024
+# The kernel caps any listen() backlog at net.core.somaxconn (Linux); Go's listeners read it too.
+SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+# listen() takes a C int.
+MAX_BACKLOG = (1 << 31) - 1
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_WRITE_BUFFER_HIGH = 256 * 1024
 DEFAULT_MAX_CONNECTIONS = 10_000
@@ -85,9 +90,15 @@ class ServerConfig:
         default=DEFAULT_PORT,
         metadata=_option("TCP port to listen on; 0 picks a free port"),
     )
+    # Resolved when the config is built (os_max_backlog, below), so --print-config writes the
+    # number that will be used.
     backlog: int = field(
-        default=DEFAULT_BACKLOG,
-        metadata=_option("listen() backlog: connections the kernel queues before accept"),
+        default_factory=lambda: os_max_backlog(),
+        metadata=_option(
+            "listen() backlog: connections the kernel queues before accept; the default is the "
+            "most the OS allows (net.core.somaxconn on Linux, socket.SOMAXCONN elsewhere), "
+            "which also caps any larger value"
+        ),
     )
     reuse_port: bool = field(
         default=False,
@@ -207,7 +218,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _check_str(self, "host", allow_empty=False)
         _check_int(self, "port", 0, 65535)
-        _check_int(self, "backlog", 1, 65535)
+        _check_int(self, "backlog", 1, MAX_BACKLOG)
         _check_bool(self, "reuse_port")
         _check_seconds(self, "shutdown_timeout")
         _check_int(self, "write_buffer_high", 1024, 1 << 30)
@@ -385,6 +396,26 @@ def build_service_config(values: dict[str, Any]) -> ServiceConfig:
     server_values = {k: v for k, v in values.items() if OPTIONS_BY_NAME[k].scope == "server"}
     service_values = {k: v for k, v in values.items() if OPTIONS_BY_NAME[k].scope == "service"}
     return ServiceConfig(server=ServerConfig(**server_values), **service_values)
+
+
+def os_max_backlog() -> int:
+    """The largest listen() backlog the OS grants: the default of `ServerConfig.backlog`.
+
+    On Linux that is net.core.somaxconn, read on every call (an operator may raise it); where it
+    can't be read, or elsewhere, `socket.SOMAXCONN`. Clients arriving together beyond the
+    backlog have their SYNs dropped, and retry only after 1 s, then 3 s.
+    """
+    if sys.platform == "linux":
+        try:
+            with open(SOMAXCONN_PATH, "rb") as file:
+                value = int(file.read().strip())
+        except (OSError, ValueError):
+            pass
+        else:
+            # 0 is how Go reads an unset value too: fall back rather than listen(0).
+            if value > 0:
+                return min(value, MAX_BACKLOG)
+    return socket.SOMAXCONN
 
 
 def option_flag(name: str) -> str:

@@ -72,6 +72,44 @@ async def test_a_bulk_transfer_reads_in_place_and_comes_back_exact(server: EchoS
     await writer.wait_closed()
 
 
+async def test_a_bulk_transfer_really_reads_into_the_shared_buffer(
+    server: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The class check above passes whatever the loop does with the class. uvloop reads into
+    # get_buffer only for a protocol that is not an asyncio.Protocol: with EchoConnection made
+    # one, buffer_updated ran 0 times in 300 chunks. So count what the loop actually calls.
+    calls = {"get_buffer": 0, "buffer_updated": 0, "in_place": 0, "plain": 0}
+    get_buffer = BulkEchoConnection.get_buffer
+    buffer_updated = BulkEchoConnection.buffer_updated
+    data_received = EchoConnection.data_received
+
+    def counting_get_buffer(self: BulkEchoConnection, sizehint: int) -> memoryview:
+        calls["get_buffer"] += 1
+        return get_buffer(self, sizehint)
+
+    def counting_buffer_updated(self: BulkEchoConnection, nbytes: int) -> None:
+        calls["buffer_updated"] += 1
+        calls["in_place"] += nbytes
+        buffer_updated(self, nbytes)
+
+    def counting_data_received(self: EchoConnection, data: bytes) -> None:
+        calls["plain"] += len(data)
+        data_received(self, data)
+
+    # Patched on the classes before the connection exists: uvloop binds the methods when the
+    # connection switches over (set_protocol), asyncio looks them up on every read.
+    monkeypatch.setattr(BulkEchoConnection, "get_buffer", counting_get_buffer)
+    monkeypatch.setattr(BulkEchoConnection, "buffer_updated", counting_buffer_updated)
+    monkeypatch.setattr(EchoConnection, "data_received", counting_data_received)
+    payload = os.urandom(8 * MiB)
+    assert await echo_once(server.port, payload) == payload
+    assert calls["plain"] + calls["in_place"] == len(payload)
+    # The first big read switches the connection; after it every read lands in the buffer.
+    assert calls["buffer_updated"] >= 1
+    assert calls["get_buffer"] >= calls["buffer_updated"]
+    assert calls["in_place"] >= len(payload) // 2, calls
+
+
 async def test_small_chunks_keep_the_plain_path(server: EchoServer) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     for _ in range(50):
