@@ -483,15 +483,20 @@ class EchoConnection(asyncio.BaseProtocol):
         """
         return self.bytes_in - self.discarded - self.unsent
 
-    def record(self) -> dict[str, Any]:
-        """The fields of this connection's close record (never the payload)."""
+    def record(self, ended_at: float | None = None) -> dict[str, Any]:
+        """The fields of this connection's close record (never the payload).
+
+        `ended_at` is when it closed (monotonic seconds); by default, now.
+        """
+        if ended_at is None:
+            ended_at = time.monotonic()
         record = {
             "transport": self.kind,
             "peer": format_address(self.peer),
             "local": format_address(self.local),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
-            "duration_s": round(time.monotonic() - self.opened_at, 6),
+            "duration_s": round(ended_at - self.opened_at, 6),
             "reason": self.close_reason,
         }
         if self.proxy is not None:

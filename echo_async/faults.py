@@ -223,8 +223,8 @@ class FaultyConnection(EchoConnection):
         self.queue.clear()
         super().connection_lost(exc)
 
-    def record(self) -> dict[str, Any]:
-        record = super().record()
+    def record(self, ended_at: float | None = None) -> dict[str, Any]:
+        record = super().record(ended_at)
         record["faults_injected"] = dict(self.faults)
         return record
 

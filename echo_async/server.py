@@ -188,6 +188,9 @@ class EchoServer:
                     state.log.warning("listeners did not close in time", count=len(pending))
             for site in self._sites:
                 site.remove_files()
+            failure = state.flush_records()
+            if failure is not None:
+                state.log.warning("close records or metrics failed", error=str(failure))
             self._sync_metrics()
             for site in self._sites:
                 if site.datagram is not None:

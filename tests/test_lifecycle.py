@@ -137,7 +137,10 @@ async def test_close_returns_even_when_accounting_a_connection_fails(
     await asyncio.wait_for(server.close(timeout=1), 5)
     assert server.stats.connections_active == 0
     assert len(closed(logs)) == 3  # the close records are still written
-    assert loop_errors  # and the failure was reported, not swallowed
+    # ...and the failure was reported, not swallowed: by the loop's handler when a batch of
+    # records failed on its timer, or by close() for the batch it flushed itself.
+    reported = [record for record in logs if record["event"] == "close records or metrics failed"]
+    assert loop_errors or reported
     for _, writer in clients:
         writer.close()
 
