@@ -964,9 +964,16 @@ def choose_servers(
         return servers
     serve = f"{echo_async} serve --port {{port}} --log-format json"
     servers.append(ServerSpec("echo-async", serve))
+    servers.append(ServerSpec("echo-async-norecords", f"{serve} --log-level warning"))
     servers.append(ServerSpec("echo-async-asyncio", f"{serve} --loop asyncio"))
     bare = HERE / "bare_protocol.py"
     servers.append(ServerSpec("uvloop-protocol", f"{shlex.quote(sys.executable)} {bare} {{port}}"))
+    node = shutil.which("node")
+    if node is not None:
+        script = HERE / "peers" / "node_echo.js"
+        servers.append(ServerSpec("node", f"{shlex.quote(node)} {script} {{port}}"))
+    else:
+        notes.append("node is not installed: the Node.js peer is skipped")
     if has_workers_option(echo_async):
         compared = ("pingpong:1000:1024", "oneshot:50:64")
         for count in (1, 2):
