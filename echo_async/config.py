@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from echo_async.listeners import Listener, ListenerError, parse_listener
+from echo_async.listeners import TLS_SCHEMES, Listener, ListenerError, parse_listener
 from echo_async.proxy_protocol import parse_networks
 
 DEFAULT_HOST = "127.0.0.1"
@@ -25,6 +25,7 @@ SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
 MAX_BACKLOG = (1 << 31) - 1
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_WRITE_BUFFER_HIGH = 256 * 1024
+DEFAULT_WS_MAX_MESSAGE = 1 << 20
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_IDLE_TIMEOUT = 300.0
 
@@ -79,7 +80,8 @@ class ServerConfig:
         default=(),
         metadata=_option(
             "listener URL, repeatable: tcp://HOST:PORT, tls://HOST:PORT, udp://HOST:PORT, "
-            "unix:///PATH; when given, only these open (--host/--port are ignored)"
+            "unix:///PATH, ws://HOST:PORT[/PATH], wss://HOST:PORT[/PATH]; when given, only these "
+            "open (--host/--port are ignored)"
         ),
     )
     host: str = field(
@@ -159,6 +161,17 @@ class ServerConfig:
     udp_burst: int = field(
         default=200, metadata=_option("datagrams a source may send at once above --udp-rate")
     )
+    ws_max_message: int = field(
+        default=DEFAULT_WS_MAX_MESSAGE,
+        metadata=_option(
+            "bytes one WebSocket message may have; a bigger one closes the connection with "
+            "code 1009 (0: no limit)"
+        ),
+    )
+    ws_handshake_timeout: float = field(
+        default=10.0,
+        metadata=_option("seconds a ws:// or wss:// client gets to send its opening handshake"),
+    )
 
     proxy_protocol: str = field(
         default="off",
@@ -177,7 +190,8 @@ class ServerConfig:
     greeting: str = field(
         default="",
         metadata=_option(
-            "send TEXT and a newline when a TCP connection opens, before any echo; "
+            "send TEXT and a newline when a TCP connection opens, before any echo (on ws:// a "
+            "first text message); "
             "{hostname} {pid} {port} {worker} are expanded (empty: off, pure RFC 862 echo)"
         ),
     )
@@ -244,6 +258,10 @@ class ServerConfig:
             raise _invalid("unix_mode", f"{self.unix_mode} is not a mode in 0..0777")
         _check_seconds(self, "udp_rate")
         _check_int(self, "udp_burst", 1, 1 << 20)
+        _check_int(self, "ws_max_message", 0, 1 << 31)
+        _check_seconds(self, "ws_handshake_timeout")
+        if not self.ws_handshake_timeout:
+            raise _invalid("ws_handshake_timeout", "must be more than 0")
         _check_choice(self, "proxy_protocol")
         _check_str(self, "proxy_trusted", allow_empty=True)
         try:
@@ -468,7 +486,7 @@ def _check_listen(config: ServerConfig) -> None:
             listener = parse_listener(url)
         except ListenerError as error:
             raise _invalid("listen", str(error)) from None
-        if listener.scheme == "tls" and not (config.tls_cert and config.tls_key):
+        if listener.scheme in TLS_SCHEMES and not (config.tls_cert and config.tls_key):
             raise _invalid("listen", f"{url} needs --tls-cert and --tls-key")
 
 

@@ -29,10 +29,13 @@ import math
 import struct
 import termios
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from echo_async.proxy_protocol import ParseStatus, ProxyHeaderError, ProxyHeaderParser
 from echo_async.tls import session_fields
+
+if TYPE_CHECKING:
+    from echo_async.websocket import WebSocketSession
 
 # A finishing connection is closed once it has been quiet this long (nginx's lingering close)...
 LINGER_S = 0.5
@@ -147,6 +150,7 @@ class EchoConnection(asyncio.BaseProtocol):
         "state",
         "transport",
         "unsent",
+        "websocket",
         "writer",
         "writing_paused",
     )
@@ -194,6 +198,8 @@ class EchoConnection(asyncio.BaseProtocol):
         # (a bytearray, see tls.upgrade), then the application chunks that arrive before open()
         # can run (a list, echoed by open()). None otherwise.
         self.early: bytearray | list[bytes] | None = None
+        # ws:// and wss://: the WebSocket protocol between the wire and the echo (websocket.py).
+        self.websocket: WebSocketSession | None = None
 
     # -- the byte path -------------------------------------------------------------------------
 
@@ -220,6 +226,13 @@ class EchoConnection(asyncio.BaseProtocol):
             self._proxy_data(data)
             return
         size = len(data)
+        websocket = self.websocket
+        if websocket is not None and state is not State.HANDSHAKE:
+            # bytes_in counts message payload, which the session adds; wire bytes are its own.
+            self.bytes_in -= size
+            if state is State.OPEN or state is State.FINISHING:
+                websocket.received(data)
+            return
         if state is State.HANDSHAKE:
             self.bytes_in -= size
             early = self.early
@@ -240,7 +253,7 @@ class EchoConnection(asyncio.BaseProtocol):
                 if state is State.OPEN:
                     self.close_reason = REASON_MAX_BYTES
                     self.finish_deadline = time.monotonic() + FINISH_TIMEOUT_S
-                self._send_eof()
+                self.send_eof()
             return
         # Lingering: our side already sent FIN, so what arrives is read and dropped rather
         # than left unread (closing with unread data would reset the client's stream).
@@ -249,6 +262,13 @@ class EchoConnection(asyncio.BaseProtocol):
     def echo(self, data: bytes) -> None:
         """Write echoed bytes (off the fast path; fault injection overrides it)."""
         self.transport.write(data)
+
+    def send_greeting(self, greeting: bytes) -> None:
+        """Send the --greeting line before any echo (a text message on ws://)."""
+        if self.websocket is not None:
+            self.websocket.greet(greeting)
+        else:
+            self.transport.write(greeting)
 
     # -- states --------------------------------------------------------------------------------
 
@@ -266,10 +286,17 @@ class EchoConnection(asyncio.BaseProtocol):
         return self.state is not State.HANDSHAKE
 
     def open(self) -> None:
-        """Start echoing: the PROXY header and TLS handshake, if any, are behind us."""
+        """Start echoing: the PROXY header and TLS handshake, if any, are behind us.
+
+        On ws:// the connection counts as opened once its WebSocket handshake succeeds, and
+        every chunk takes the slow path, to the WebSocket session.
+        """
         self.state = State.OPEN
-        self.byte_limit = self.echo_limit - 1
-        self.owner.connection_opened(self)
+        if self.websocket is None:
+            self.byte_limit = self.echo_limit - 1
+            self.owner.connection_opened(self)
+        else:
+            self.byte_limit = -1
         held = self.early
         self.early = None
         if isinstance(held, list):
@@ -334,7 +361,7 @@ class EchoConnection(asyncio.BaseProtocol):
         self.detail = detail
         self.echo_limit = self.bytes_in
         self.finish_deadline = time.monotonic() + FINISH_TIMEOUT_S
-        self._send_eof()
+        self.send_eof()
         self.owner.connection_rejected(self, reason, detail)
 
     def finish(self, reason: str, deadline: float) -> None:
@@ -363,17 +390,37 @@ class EchoConnection(asyncio.BaseProtocol):
                 self.byte_limit = -1
                 return
             self.close_reason = reason
+            self.state = State.FINISHING
+            websocket = self.websocket
+            if websocket is not None:
+                # The budget is in wire bytes: the frames those carry are echoed, then close.
+                unread = received_unread(self.transport)
+                websocket.finish(unread)
+                if not unread:
+                    self.send_eof()
+                return
             self.echo_limit = min(self.echo_limit, self.bytes_in + received_unread(self.transport))
             self.byte_limit = self.echo_limit - 1
-            self.state = State.FINISHING
             if self.bytes_in >= self.echo_limit:
-                self._send_eof()
+                self.send_eof()
             return
         if state is State.FINISHING or state is State.LINGERING:
             self.finish_deadline = min(self.finish_deadline, deadline)
 
-    def _send_eof(self) -> None:
-        """FIN after everything queued; from now on arriving bytes are read and dropped."""
+    def send_eof(self) -> None:
+        """FIN after everything queued; from now on arriving bytes are read and dropped.
+
+        On ws:// the WebSocket close handshake comes first: our close frame goes out now and
+        the FIN once the client answers it (or at the finish deadline).
+        """
+        websocket = self.websocket
+        if websocket is not None and websocket.close_first(self.close_reason):
+            if self.state is State.OPEN:
+                self.state = State.FINISHING
+                self.finish_deadline = min(
+                    self.finish_deadline, time.monotonic() + FINISH_TIMEOUT_S
+                )
+            return
         self.state = State.LINGERING
         self.byte_limit = -1
         self.last_active = time.monotonic()
@@ -383,6 +430,11 @@ class EchoConnection(asyncio.BaseProtocol):
             return
         if self.writing_paused:
             transport.resume_reading()  # nothing more is echoed: keep draining the client
+        self.write_eof()
+
+    def write_eof(self) -> None:
+        """Half-close our side after what is queued (fault injection may hold it back)."""
+        transport = self.transport
         if transport.can_write_eof():
             transport.write_eof()
         else:
@@ -458,7 +510,7 @@ class EchoConnection(asyncio.BaseProtocol):
             ):
                 # Reading, and nothing received is left unread: what the budget still allows
                 # could only come from bytes sent after the finish began (see TLS_RECORD_MAX).
-                self._send_eof()
+                self.send_eof()
             elif state is State.LINGERING and now - self.last_active >= LINGER_S and not buffered:
                 # Flushed, FIN sent, and nothing unread on our side: closing sends no reset.
                 self.transport.close()
@@ -503,7 +555,9 @@ class EchoConnection(asyncio.BaseProtocol):
             record["proxy"] = format_address(self.proxy)
         if self.detail is not None:
             record["detail"] = self.detail
-        if self.kind == "tls":
+        if self.websocket is not None:
+            record.update(self.websocket.fields())
+        if self.kind == "tls" or self.kind == "wss":
             # What was negotiated: the TLS object outlives the connection in its transport.
             record.update(session_fields(self.transport))
         return record

@@ -54,6 +54,7 @@ class FaultyConnection(EchoConnection):
         "echoed",
         "eof_pending",
         "faults",
+        "fin_pending",
         "pending_bytes",
         "plan",
         "queue",
@@ -77,6 +78,7 @@ class FaultyConnection(EchoConnection):
         self.echoed = 0
         self.reset_started = False
         self.eof_pending = False
+        self.fin_pending = False
 
     def data_received(self, data: bytes) -> None:
         # EchoConnection.data_received with echo() in place of transport.write(), and never
@@ -149,8 +151,12 @@ class FaultyConnection(EchoConnection):
                 self.timer = asyncio.get_running_loop().call_soon(self._release)
             else:
                 self._arm()
-        elif self.eof_pending:
-            self.transport.close()  # the client sent EOF: done once everything held is out
+        elif self.fin_pending or self.eof_pending:
+            if self.fin_pending and not self.transport.is_closing():
+                super().write_eof()  # our FIN waited for the pieces held before it
+            self.fin_pending = False
+            if self.eof_pending:
+                self.transport.close()  # the client sent EOF: done once everything held is out
         elif self.reset_started:
             self._reset_when_sent(now)
 
@@ -167,6 +173,12 @@ class FaultyConnection(EchoConnection):
         ):
             with contextlib.suppress(RuntimeError):
                 self.transport.resume_reading()
+
+    def write_eof(self) -> None:
+        if self.queue:
+            self.fin_pending = True  # after the held pieces, in order (see _release)
+            return
+        super().write_eof()
 
     def eof_received(self) -> bool:
         if self.pending_bytes:

@@ -1,7 +1,9 @@
-"""Listener URLs: `tcp://HOST:PORT`, `tls://HOST:PORT`, `udp://HOST:PORT`, `unix:///PATH`.
+"""Listener URLs: `tcp://HOST:PORT`, `tls://HOST:PORT`, `udp://HOST:PORT`, `unix:///PATH`,
+`ws://HOST:PORT[/PATH]` and `wss://HOST:PORT[/PATH]`.
 
 A listener is a value: `ServerConfig.listen` holds their URLs, `EchoServer` starts one site per
-listener. IPv6 hosts are written in brackets, `tcp://[::1]:12000`.
+listener. IPv6 hosts are written in brackets, `tcp://[::1]:12000`. For ws:// and wss:// the path
+is the one WebSocket clients must ask for (`/` when the URL has none).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-SCHEMES = ("tcp", "tls", "udp", "unix")
+SCHEMES = ("tcp", "tls", "udp", "unix", "ws", "wss")
+# Listeners whose connections start with a TLS handshake, and those that speak WebSocket.
+TLS_SCHEMES = ("tls", "wss")
+WEBSOCKET_SCHEMES = ("ws", "wss")
 # Bytes a Unix socket path may have: sockaddr_un.sun_path (108 on Linux, 104 on macOS and the
 # BSDs) less the NUL. A longer path fails only at bind, with an OSError that has no errno.
 UNIX_PATH_MAX = (108 if sys.platform.startswith("linux") else 104) - 1
@@ -23,7 +28,10 @@ class ListenerError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """One place to listen: a scheme and either host and port, or a Unix socket path."""
+    """One place to listen: a scheme and either host and port, or a Unix socket path.
+
+    `path` is the socket file for unix://, the request path for ws:// and wss://.
+    """
 
     scheme: str
     host: str = ""
@@ -34,7 +42,7 @@ class Listener:
     def url(self) -> str:
         if self.scheme == "unix":
             return f"unix://{self.path}"
-        return f"{self.scheme}://{bracket(self.host)}:{self.port}"
+        return f"{self.scheme}://{bracket(self.host)}:{self.port}{self.path}"
 
     @property
     def is_stream(self) -> bool:
@@ -66,8 +74,15 @@ def parse_listener(url: str) -> Listener:
                 f"({size} bytes; the limit is {UNIX_PATH_MAX})"
             )
         return Listener("unix", path=rest)
+    path = ""
+    if scheme in WEBSOCKET_SCHEMES:
+        rest, slash, tail = rest.partition("/")
+        path = slash + tail or "/"
+        # What a request line may carry as its path: visible ASCII, no query or fragment.
+        if not all("!" <= char <= "~" for char in path) or "?" in path or "#" in path:
+            raise ListenerError(f"{url!r}: the path must be visible ASCII without ? or #")
     host, port = _split_host_port(url, rest)
-    return Listener(scheme, host, port)
+    return Listener(scheme, host, port, path)
 
 
 def _split_host_port(url: str, text: str) -> tuple[str, int]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from echo_async.config import ServerConfig
 from echo_async.limits import Sweeper, sweep_interval
-from echo_async.listeners import is_loopback
+from echo_async.listeners import TLS_SCHEMES, WEBSOCKET_SCHEMES, Listener, is_loopback
 from echo_async.metrics import SYNC_INTERVAL_S, ServerMetrics, TransportTotals
 from echo_async.sites import Site, StreamHandler, open_inherited_site, open_site
 from echo_async.state import LOGGER_NAME, ServerState
@@ -98,7 +98,7 @@ class EchoServer:
         state.bind_logger()
         log = state.log
         config = self.config
-        if any(listener.scheme == "tls" for listener in config.listeners):
+        if any(listener.scheme in TLS_SCHEMES for listener in config.listeners):
             from echo_async.tls import server_context
 
             state.tls_context = server_context(config)
@@ -137,8 +137,10 @@ class EchoServer:
         self._sweeper.start()
         log.info("listening", addresses=self.addresses)
 
-    def _handler(self, kind: str) -> StreamHandler:
-        return functools.partial(self._state.accept, kind)
+    def _handler(self, listener: Listener) -> StreamHandler:
+        if listener.scheme in WEBSOCKET_SCHEMES:
+            return functools.partial(self._state.accept, listener.scheme, path=listener.path)
+        return functools.partial(self._state.accept, listener.scheme)
 
     async def serve_forever(self) -> None:
         """Wait until the server is closed (by `close()` elsewhere, or by leaving `async with`)."""
@@ -266,7 +268,7 @@ class EchoServer:
         )
 
     def transport_totals(self) -> dict[str, TransportTotals]:
-        """Counters per transport (`tcp`, `tls`, `unix`, `udp`), for metrics."""
+        """Counters per transport (`tcp`, `tls`, `unix`, `ws`, `wss`, `udp`), for metrics."""
         totals = self._state.transport_totals()
         for site in self._sites:
             if site.datagram is not None:

@@ -1,8 +1,9 @@
 """Sites: one open listener each, started and closed by EchoServer.
 
 A site is a value the server holds, one class per kind of listener, not a branch inside the
-server: `StreamSite` serves tcp://, tls:// and unix:// through `asyncio.start_server` (tls://
-is accepted plain and upgraded by the server's state, so its limits count handshakes);
+server: `StreamSite` serves tcp://, tls://, unix://, ws:// and wss:// through
+`asyncio.start_server` (tls:// and wss:// are accepted plain and upgraded by the server's state,
+so its limits count handshakes; ws:// connections speak WebSocket once accepted);
 `DatagramSite` serves udp://. `open_site()` binds a Listener; `open_inherited_site()` serves a
 socket someone else bound (systemd socket activation) as the kind of listener it is.
 """
@@ -22,8 +23,11 @@ from echo_async.connection import format_address
 from echo_async.listeners import Listener
 from echo_async.udp import DatagramEcho
 
+# What a TCP socket handed over by systemd can be served as.
+INHERITABLE_SCHEMES = ("tcp", "tls", "ws", "wss")
+
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
-HandlerFor = Callable[[str], StreamHandler]
+HandlerFor = Callable[[Listener], StreamHandler]
 
 
 class Site:
@@ -39,7 +43,9 @@ class Site:
     def addresses(self) -> list[str]:
         if self.listener.scheme == "unix":
             return [self.listener.url]
-        return [f"{self.listener.scheme}://{format_address(a)}" for a in self.bound]
+        # ws:// and wss:// with their path, so an address is a URL a client can open.
+        path = self.listener.path
+        return [f"{self.listener.scheme}://{format_address(a)}{path}" for a in self.bound]
 
     def close(self) -> None:
         """Stop accepting (stream) or receiving (datagram)."""
@@ -56,7 +62,7 @@ class Site:
 
 
 class StreamSite(Site):
-    """tcp://, tls:// or unix:// through an asyncio.Server."""
+    """tcp://, tls://, unix://, ws:// or wss:// through an asyncio.Server."""
 
     def __init__(
         self, listener: Listener, server: asyncio.Server, unix_inode: int | None = None
@@ -116,7 +122,8 @@ async def open_site(
     if listener.scheme == "unix":
         path = listener.path
         _clear_stale_socket(listener)
-        server = await asyncio.start_unix_server(handler_for("unix"), path, backlog=config.backlog)
+        handler = handler_for(listener)
+        server = await asyncio.start_unix_server(handler, path, backlog=config.backlog)
         os.chmod(path, int(config.unix_mode, 8))
         return StreamSite(listener, server, unix_inode=os.lstat(path).st_ino)
     if listener.scheme == "udp":
@@ -124,7 +131,7 @@ async def open_site(
             sock = _dual_stack_socket(socket.SOCK_DGRAM, listener.port, config.reuse_port)
             return await _open_datagram(listener, config, log, sock=sock)
         return await _open_datagram(listener, config, log)
-    handler = handler_for(listener.scheme)
+    handler = handler_for(listener)
     if listener.host == "::":
         sock = _dual_stack_socket(socket.SOCK_STREAM, listener.port, config.reuse_port)
         server = await asyncio.start_server(handler, sock=sock, backlog=config.backlog)
@@ -147,7 +154,7 @@ async def open_inherited_site(
     listener = inherited_listener(sock, config.listeners)
     if listener.scheme == "udp":
         return await _open_datagram(listener, config, log, sock=sock)
-    handler = handler_for(listener.scheme)
+    handler = handler_for(listener)
     if listener.scheme == "unix":
         server = await asyncio.start_unix_server(handler, sock=sock, backlog=config.backlog)
     else:
@@ -158,9 +165,9 @@ async def open_inherited_site(
 def inherited_listener(sock: socket.socket, configured: Sequence[Listener]) -> Listener:
     """The listener an inherited socket is: from its family and type, and for TCP the config.
 
-    A TCP socket is tls:// when the configured tcp:// and tls:// listeners say so: the one with
-    the socket's port, else the only scheme configured. Raises ConfigError for a socket that
-    can't be served or whose scheme is ambiguous.
+    A TCP socket is what the configured tcp://, tls://, ws:// and wss:// listeners say: the one
+    with the socket's port, else the only one configured. Raises ConfigError for a socket that
+    can't be served or whose kind is ambiguous.
     """
     where = f"inherited socket (fd {sock.fileno()})"
     if sock.family == socket.AF_UNIX:
@@ -176,16 +183,18 @@ def inherited_listener(sock: socket.socket, configured: Sequence[Listener]) -> L
         return Listener("udp", host, port)
     if sock.type != socket.SOCK_STREAM:
         raise ConfigError("LISTEN_FDS", f"{where}: socket type {sock.type!r} is not served")
-    streams = [listener for listener in configured if listener.scheme in ("tcp", "tls")]
-    by_port = {listener.scheme for listener in streams if listener.port == port}
-    schemes = by_port or {listener.scheme for listener in streams} or {"tcp"}
-    if len(schemes) > 1:
+    streams = [listener for listener in configured if listener.scheme in INHERITABLE_SCHEMES]
+    candidates = [listener for listener in streams if listener.port == port] or streams
+    kinds = {(listener.scheme, listener.path) for listener in candidates} or {("tcp", "")}
+    if len(kinds) > 1:
+        urls = ", ".join(sorted(f"{scheme}://{path}" for scheme, path in kinds))
         raise ConfigError(
             "--listen",
-            f"{where} on {format_address((host, port))}: both tcp:// and tls:// listeners are "
-            f"configured and none has port {port}; list it as tcp:// or tls:// with that port",
+            f"{where} on {format_address((host, port))}: the configured listeners ({urls}) "
+            f"don't say which it is, and none has port {port}; list it with that port",
         )
-    return Listener(schemes.pop(), host, port)
+    scheme, path = kinds.pop()
+    return Listener(scheme, host, port, path)
 
 
 def _dual_stack_socket(kind: socket.SocketKind, port: int, reuse_port: bool) -> socket.socket:

@@ -32,6 +32,7 @@ from echo_async.connection import (
 )
 from echo_async.faults import FaultPlan, FaultyConnection
 from echo_async.limits import Admission, DescriptorWatch
+from echo_async.listeners import TLS_SCHEMES, WEBSOCKET_SCHEMES
 from echo_async.logs import library_logger
 from echo_async.metrics import ServerMetrics, TransportTotals
 from echo_async.proxy_protocol import is_trusted, parse_networks
@@ -93,11 +94,12 @@ class ServerState:
 
     # -- accept --------------------------------------------------------------------------------
 
-    def accept(self, kind: str, reader: asyncio.StreamReader, writer: Any) -> None:
+    def accept(self, kind: str, reader: asyncio.StreamReader, writer: Any, path: str = "/") -> None:
         """The `start_server` handler: admit the socket, then header, handshake, echo.
 
         A plain function, not a coroutine: start_server then creates no Task per connection.
         uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
+        `path` is the request path a ws:// or wss:// listener serves.
         """
         transport = cast(asyncio.Transport, writer.transport)
         if self.closed:
@@ -128,6 +130,10 @@ class ServerState:
                 serial=self._accepted,
             )
         connection.admitted_host = host
+        if kind in WEBSOCKET_SCHEMES:
+            from echo_async.websocket import WebSocketSession
+
+            connection.websocket = WebSocketSession(connection, path, self.config.ws_max_message)
         self._accepted += 1
         self.connections.add(connection)
         self.idle.clear()
@@ -139,10 +145,10 @@ class ServerState:
                 connection.reject(REASON_PROXY_HEADER, "PROXY header from an untrusted source")
             else:
                 self.header_ended(connection, b"")
-        elif kind == "tls":
+        elif kind in TLS_SCHEMES:
             self.header_ended(connection, b"")
         else:
-            self.connection_opened(connection)
+            connection.open()
         if self.closing:
             # Accepted while draining: it is served like the others, finished at once.
             connection.finish(REASON_SHUTDOWN, self.drain_deadline)
@@ -168,7 +174,7 @@ class ServerState:
 
     def header_ended(self, connection: EchoConnection, payload: bytes) -> None:
         """After the PROXY header (or at once): TLS handshake for tls://, else echo `payload`."""
-        if connection.kind != "tls":
+        if connection.kind not in TLS_SCHEMES:
             connection.open()
             if payload:
                 connection.data_received(payload)
@@ -237,7 +243,7 @@ class ServerState:
         transport = connection.transport
         transport.set_write_buffer_limits(high=self.config.write_buffer_high)
         if self.config.greeting:
-            transport.write(self._greeting(connection.local))
+            connection.send_greeting(self._greeting(connection.local))
         if self.log_opens:
             self.log.debug(
                 "connection opened", transport=connection.kind, peer=format_address(connection.peer)
@@ -331,9 +337,18 @@ class ServerState:
         """Run every connection's timers: PROXY header, idle, lifetime, finishing deadlines."""
         config = self.config
         proxy_deadline = now - config.proxy_header_timeout
+        websocket_deadline = now - config.ws_handshake_timeout
         for connection in list(self.connections):
             if connection.state is State.HEADER and connection.opened_at <= proxy_deadline:
                 connection.proxy_timed_out()
+            websocket = connection.websocket
+            if (
+                websocket is not None
+                and not websocket.opened
+                and connection.state is State.OPEN
+                and connection.opened_at <= websocket_deadline
+            ):
+                websocket.handshake_timed_out()
             connection.sweep(now, config.idle_timeout, config.max_lifetime)
         change = self.descriptors.check()
         if change == "exhausted":
@@ -405,7 +420,7 @@ class ServerState:
     # -- accounting ----------------------------------------------------------------------------
 
     def transport_totals(self) -> dict[str, TransportTotals]:
-        """Stream counters per transport (`tcp`, `tls`, `unix`): closed plus open so far."""
+        """Stream counters per transport (`tcp`, `tls`, `unix`, `ws`, `wss`): closed plus open."""
         active: dict[str, int] = {}
         live: dict[str, list[int]] = {}
         for connection in self.connections:
@@ -413,7 +428,9 @@ class ServerState:
             active[kind] = active.get(kind, 0) + 1
             sums = live.setdefault(kind, [0, 0])
             sums[0] += connection.bytes_in
-            sums[1] += connection.bytes_out - connection.transport.get_write_buffer_size()
+            queued = connection.transport.get_write_buffer_size()
+            # A ws:// queue holds frames, not payload: its bytes_out counts what was framed.
+            sums[1] += connection.bytes_out - (queued if connection.websocket is None else 0)
         totals = {}
         for kind in set(self.opened) | set(self.closed_bytes) | set(live):
             closed = self.closed_bytes.get(kind, [0, 0])

@@ -1,0 +1,263 @@
+"""WebSocket echo (ws://, wss://) on the websockets library's Sans-I/O protocol.
+
+A ws:// connection is an `EchoConnection` like any other: admission, the PROXY header, the TLS
+handshake for wss://, the timers, the drain and the close record are the stream path's. Only
+its bytes take another way: once open, every chunk goes to the connection's `WebSocketSession`
+instead of straight back. websockets' `ServerProtocol` parses the opening handshake and the
+frames, answers pings and the close handshake, enforces the message size (close code 1009) and
+frames what we send; nothing here reads or writes WebSocket framing itself.
+
+Each data frame is echoed as it arrives, as a frame with the same opcode and FIN bit, so a
+message comes back as one message of the same type (text stays text, binary stays binary), in
+order, and is never held whole in memory. Text is checked to be UTF-8 as it passes (close code
+1007 otherwise), since the protocol object leaves that to its user.
+
+Finishing (shutdown, idle timeout, max lifetime) echoes the frames carried by what the server
+had received when the finish began (the bytes read plus the kernel's unread ones, as for TCP),
+then sends a close frame (1001, going away) and closes the TCP connection once the client
+answers it, or at the finish deadline.
+"""
+
+from __future__ import annotations
+
+import codecs
+import http
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State as ProtocolState
+from websockets.server import ServerProtocol
+from websockets.typing import BytesLike
+
+if TYPE_CHECKING:
+    from echo_async.connection import EchoConnection
+
+REASON_WS_HANDSHAKE = "ws_handshake"
+REASON_WS_PROTOCOL = "ws_protocol"
+REASON_WS_MESSAGE_TOO_BIG = "ws_max_message"
+
+# websockets logs each connection's opening and closing at info level: echo-async writes its own
+# close record, so the protocol objects get a logger that emits nothing (and is not registered
+# with logging, so no configuration can turn it on by accident).
+_SILENT = logging.Logger("echo_async.websocket.protocol", logging.CRITICAL + 1)
+
+# The close code and reason text a server-side finish sends, by the close record's reason.
+_CLOSE_FOR_REASON = {
+    "shutdown": (CloseCode.GOING_AWAY, "going away"),
+    "idle_timeout": (CloseCode.GOING_AWAY, "idle timeout"),
+    "max_lifetime": (CloseCode.GOING_AWAY, "max lifetime"),
+    "max_bytes": (CloseCode.POLICY_VIOLATION, "max bytes"),
+}
+_DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
+
+
+class WebSocketSession:
+    """The WebSocket side of one connection: handshake, frames, echo, close handshake."""
+
+    __slots__ = (
+        "close_code",
+        "connection",
+        "messages_in",
+        "messages_out",
+        "opened",
+        "path",
+        "protocol",
+        "text",
+        "wire_in",
+        "wire_limit",
+    )
+
+    def __init__(self, connection: EchoConnection, path: str, max_message: int) -> None:
+        self.connection = connection
+        self.path = path
+        self.protocol = ServerProtocol(max_size=max_message or None, logger=_SILENT)
+        self.opened = False
+        self.messages_in = 0
+        self.messages_out = 0
+        self.close_code: int | None = None
+        # The UTF-8 check of a text message whose frames are still arriving.
+        self.text: codecs.IncrementalDecoder | None = None
+        # Bytes from the wire fed to the protocol, and how many a finish lets through.
+        self.wire_in = 0
+        self.wire_limit = float("inf")
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the client (the connection is OPEN or FINISHING)."""
+        self.wire_in += len(data)
+        protocol = self.protocol
+        protocol.receive_data(data)
+        for event in protocol.events_received():
+            if isinstance(event, Frame):
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._request(event)
+        self._flush()
+        connection = self.connection
+        if self.wire_in >= self.wire_limit and connection.close_reason is not None:
+            connection.send_eof()  # the finish's budget is spent: close handshake now
+
+    def _request(self, request: Request) -> None:
+        protocol = self.protocol
+        connection = self.connection
+        if request.path.partition("?")[0] != self.path:
+            response = protocol.reject(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        else:
+            response = protocol.accept(request)
+        protocol.send_response(response)
+        connection.transport.write(b"".join(chunk for chunk in protocol.data_to_send()))
+        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            reason = response.reason_phrase
+            detail = f"HTTP {response.status_code} {reason}"
+            if protocol.handshake_exc is not None:
+                detail += f": {protocol.handshake_exc}"
+            connection.reject(REASON_WS_HANDSHAKE, detail)
+            return
+        self.opened = True
+        connection.owner.connection_opened(connection)
+
+    def _frame(self, frame: Frame) -> None:
+        connection = self.connection
+        opcode = frame.opcode
+        if opcode not in _DATA_OPCODES:
+            connection.last_active = time.monotonic()  # a ping keeps an idle client alive
+            if opcode is Opcode.CLOSE:
+                self._close_received()
+            return
+        data = frame.data
+        size = len(data)
+        connection.bytes_in += size
+        if frame.fin:
+            self.messages_in += 1
+        if not self._valid_text(opcode, data, frame.fin):
+            return
+        protocol = self.protocol
+        if protocol.state is not ProtocolState.OPEN:
+            connection.discarded += size  # after our close frame nothing more is echoed
+            return
+        if connection.bytes_in > connection.echo_limit:
+            connection.discarded += size
+            connection.close_reason = "max_bytes"
+            connection.send_eof()
+            return
+        if opcode is Opcode.TEXT:
+            protocol.send_text(data, frame.fin)
+        elif opcode is Opcode.BINARY:
+            protocol.send_binary(data, frame.fin)
+        else:
+            protocol.send_continuation(data, frame.fin)
+        if frame.fin:
+            self.messages_out += 1
+
+    def _valid_text(self, opcode: Opcode, data: BytesLike, fin: bool) -> bool:
+        """Check text as it passes: invalid UTF-8 fails the connection (1007)."""
+        if opcode is Opcode.TEXT:
+            self.text = codecs.getincrementaldecoder("utf-8")()
+        decoder = self.text
+        if decoder is None:
+            return True
+        if fin:
+            self.text = None
+        try:
+            decoder.decode(data, final=fin)
+        except UnicodeDecodeError as error:
+            self.connection.discarded += len(data)
+            self.protocol.fail(CloseCode.INVALID_DATA, f"invalid UTF-8 at byte {error.start}")
+            self._failed(REASON_WS_PROTOCOL, "invalid UTF-8 in a text message")
+            return False
+        return True
+
+    def _close_received(self) -> None:
+        protocol = self.protocol
+        connection = self.connection
+        close = protocol.close_rcvd
+        if self.close_code is None and close is not None:
+            self.close_code = int(close.code)
+        if connection.close_reason is None:
+            connection.close_reason = "eof"  # the client ended it
+
+    def _failed(self, reason: str, detail: str) -> None:
+        connection = self.connection
+        if connection.close_reason is None:
+            connection.close_reason = reason
+            connection.detail = detail
+
+    # -- output --------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Hand what the protocol wants sent to the connection; its EOF ends our side."""
+        protocol = self.protocol
+        if protocol.parser_exc is not None and self.connection.close_reason is None:
+            error = protocol.parser_exc
+            too_big = protocol.close_sent is not None and (
+                protocol.close_sent.code == CloseCode.MESSAGE_TOO_BIG
+            )
+            self._failed(REASON_WS_MESSAGE_TOO_BIG if too_big else REASON_WS_PROTOCOL, str(error))
+        if protocol.close_sent is not None and self.close_code is None:
+            self.close_code = int(protocol.close_sent.code)
+        writes = protocol.data_to_send()
+        if not writes:
+            return
+        connection = self.connection
+        end = not writes[-1]
+        data = b"".join(writes)
+        if data:
+            connection.echo(data)
+        if end:
+            if not self.opened and protocol.handshake_exc is not None:
+                self._bad_request()
+                return
+            connection.send_eof()
+
+    def _bad_request(self) -> None:
+        """Not HTTP at all: the protocol ends without a response, we send a 400 first."""
+        protocol = self.protocol
+        connection = self.connection
+        response = protocol.reject(http.HTTPStatus.BAD_REQUEST, "Bad Request\n")
+        connection.transport.write(response.serialize())
+        connection.reject(REASON_WS_HANDSHAKE, f"HTTP 400 Bad Request: {protocol.handshake_exc}")
+
+    def greet(self, text: bytes) -> None:
+        """Send the greeting as the first text message (without its newline)."""
+        self.protocol.send_text(text.rstrip(b"\n"))
+        self._flush()
+
+    # -- control from the connection -----------------------------------------------------------
+
+    def finish(self, unread: int) -> None:
+        """A finish began: echo what `unread` more bytes from the wire carry, then close."""
+        self.wire_limit = self.wire_in + unread
+
+    def close_first(self, reason: str | None) -> bool:
+        """Before the connection sends its TCP FIN: True while a WebSocket close must come first.
+
+        Sends our close frame (once), and says to wait for the client's while the close
+        handshake is under way; False once the protocol is done, or never got past the opening
+        handshake, so the FIN goes out.
+        """
+        protocol = self.protocol
+        state = protocol.state
+        if state is ProtocolState.OPEN:
+            code, text = _CLOSE_FOR_REASON.get(reason or "", (CloseCode.NORMAL_CLOSURE, ""))
+            protocol.send_close(code, text)
+            self._flush()
+            return not protocol.eof_sent
+        if state is ProtocolState.CLOSING:
+            return not protocol.eof_sent
+        return False
+
+    def handshake_timed_out(self) -> None:
+        """The client sent no complete opening handshake in time."""
+        self.connection.reject(REASON_WS_HANDSHAKE, "no WebSocket handshake in time")
+
+    def fields(self) -> dict[str, Any]:
+        """The close record's WebSocket fields."""
+        return {
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "close_code": self.close_code,
+        }
