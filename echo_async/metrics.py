@@ -51,7 +51,7 @@ class ServerMetrics:
     Pass one to `EchoServer(config, metrics=ServerMetrics(registry))`: the server keeps it up to
     date (its counters once a second and at close, closes and rejections as they happen); serve
     `registry` however your application exposes metrics. Per-connection series carry a
-    `transport` label: tcp, tls, unix or udp.
+    `transport` label: tcp, tls, unix, ws, wss or udp.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:

@@ -46,3 +46,19 @@ async def test_client_sees_a_short_read(echo_server_factory: EchoServerFactory) 
     server = await echo_server_factory(ServerConfig(host="127.0.0.1", port=0, max_bytes=3))
     client = LineClient(server.host, server.port)
     assert await client.round_trip("hello") == "hel"
+
+
+# --8<-- [start:websocket]
+async def test_a_websocket_client(echo_server_factory: EchoServerFactory) -> None:
+    # A ws:// listener: `addresses` are URLs a WebSocket client can open.
+    from websockets.asyncio.client import connect
+
+    server = await echo_server_factory(ServerConfig(listen=["ws://127.0.0.1:0/echo"]))
+    async with connect(server.addresses[0]) as websocket:
+        await websocket.send("ping")
+        assert await websocket.recv() == "ping"  # text comes back as text
+        await websocket.send(b"\x00\xff")
+        assert await websocket.recv() == b"\x00\xff"  # and binary as binary
+
+
+# --8<-- [end:websocket]

@@ -31,8 +31,8 @@ RUNS: list[tuple[str, list[str], list[str]]] = [
             "split across two reads: UnicodeDecodeError: unexpected end of data",
         ],
     ),
-    ("test_client_with_fixture.py", [*PYTEST, "-o", "asyncio_mode=strict"], ["2 passed"]),
-    ("test_client_with_fixture.py", [*PYTEST, "-o", "asyncio_mode=auto"], ["2 passed"]),
+    ("test_client_with_fixture.py", [*PYTEST, "-o", "asyncio_mode=strict"], ["3 passed"]),
+    ("test_client_with_fixture.py", [*PYTEST, "-o", "asyncio_mode=auto"], ["3 passed"]),
 ]
 
 

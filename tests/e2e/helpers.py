@@ -60,7 +60,8 @@ def start_cli_server(
     while time.monotonic() < deadline:
         for record in process.records() if log_path.stat().st_size else []:
             if record.get("event") == "listening":
-                port = int(record["addresses"][0].rsplit(":", 1)[1])
+                # tcp://127.0.0.1:PORT, or ws://127.0.0.1:PORT/PATH
+                port = int(record["addresses"][0].rsplit(":", 1)[1].partition("/")[0])
                 return process, port
         if process.poll() is not None:
             raise AssertionError(f"server exited {process.returncode}: {stderr_path.read_text()}")
