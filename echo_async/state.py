@@ -147,8 +147,10 @@ class ServerState:
                 self.header_ended(connection, b"")
         elif kind in TLS_SCHEMES:
             self.header_ended(connection, b"")
+        elif connection.websocket is not None:
+            connection.open()  # counted as opened once its WebSocket handshake succeeds
         else:
-            connection.open()
+            self.connection_opened(connection)
         if self.closing:
             # Accepted while draining: it is served like the others, finished at once.
             connection.finish(REASON_SHUTDOWN, self.drain_deadline)
