@@ -4,23 +4,26 @@
 :func:`run`'s value as the process exit status: 0 all good; 1 the run failed its checks
 (nothing echoed, fewer than --requests, mismatched bytes, more errors than --max-errors, hold
 could not open every connection) or could not be carried out (--host does not resolve);
-2 a usage error, reported in one line.
+2 a usage error, or an output file (--json, --plot, --hdr-log) that cannot be written,
+reported in one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import resource
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
-from echo_async.bench import plot, report
+from echo_async.bench import hdr, plot, report
 from echo_async.bench.config import MODES, BenchConfig, BenchConfigError
 from echo_async.bench.result import BenchResult
 from echo_async.bench.runner import BenchError, ProgressCallback, new_event_loop, run_bench
@@ -64,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-ca", metavar="FILE", help="verify the server certificate (and --host) against FILE"
     )
     target.add_argument("--udp", action="store_true", help="UDP datagrams (pingpong only)")
+    target.add_argument(
+        "--url",
+        metavar="ws://HOST:PORT/PATH",
+        help="a WebSocket echo server, instead of --host and --port (giving those too is an "
+        "error unless they repeat the URL): one binary message per echo, every mode. wss:// "
+        "is TLS as with --tls: any certificate unless --tls-ca",
+    )
     target.add_argument(
         "--greeting",
         action="store_true",
@@ -157,6 +167,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="draw throughput and latency over time (needs echo-async[plot])",
     )
     output.add_argument(
+        "--hdr-log",
+        metavar="FILE",
+        type=Path,
+        help="write the latency of every quarter second as an HdrHistogram interval log "
+        "(nanoseconds), which HdrHistogram's log readers and tools read",
+    )
+    output.add_argument(
         "--quiet",
         action="store_true",
         help="no live progress and no summary table; problems still go to stderr",
@@ -174,6 +191,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         host=args.host,
         port=args.port,
         unix_path=args.unix,
+        url=args.url,
         tls=args.tls,
         tls_ca=args.tls_ca,
         udp=args.udp,
@@ -192,8 +210,19 @@ def _fail(message: str) -> None:
 
 
 def _check_output(flag: str, path: Path | None) -> None:
-    if path is not None and not path.parent.is_dir():
+    """Raise BenchConfigError, before any load, when ``path`` clearly cannot be written.
+
+    A run can take long: finding out only when writing its result wastes it. Writing can still
+    fail later (a full disk); that is also one line and exit status 2.
+    """
+    if path is None:
+        return
+    if not path.parent.is_dir():
         raise BenchConfigError(f"{flag} {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise BenchConfigError(f"{flag} {path}: is a directory")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise BenchConfigError(f"{flag} {path}: permission denied")
 
 
 def _raise_descriptor_limit(config: BenchConfig) -> None:
@@ -236,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
             plot.check_available()
         _check_output("--json", args.json)
         _check_output("--plot", args.plot)
+        _check_output("--hdr-log", args.hdr_log)
     except (BenchConfigError, plot.PlotUnavailable) as exc:
         _fail(str(exc))
         return 2
@@ -250,14 +280,27 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if not args.quiet:
         console.print(report.summary_table(result))
-    try:
-        if args.json is not None:
-            report.write_json(args.json, result)
-        if args.plot is not None:
-            plot.write_plot(args.plot, result)
-    except OSError as exc:
-        _fail(f"cannot write {exc.filename}: {exc.strerror}")
-        return 2
+    outputs: list[tuple[Path | None, Callable[[Path, BenchResult], None]]] = [
+        (args.json, report.write_json),
+        (args.plot, plot.write_plot),
+        (args.hdr_log, hdr.write_log),
+    ]
+    for path, write in outputs:
+        if path is None:
+            continue
+        try:
+            write(path, result)
+        except OSError as exc:
+            # Not exc.filename: an error raised when the file is flushed or closed has none.
+            _fail(f"cannot write {path}: {exc.strerror or exc}")
+            return 2
+    if result.latency_clamped:
+        top = result.latency_hdr.highest_trackable_value / 1e9
+        print(
+            f"{PROGRAM}: warning: {result.latency_clamped} latencies were above {top:g}s, the "
+            f"top of the histogram's range, and are counted as {top:g}s",
+            file=sys.stderr,
+        )
     for problem in result.problems():
         print(f"{PROGRAM}: {problem}", file=sys.stderr)
     return 0 if result.ok else 1

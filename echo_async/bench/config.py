@@ -8,6 +8,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from echo_async.bench import websocket
+
 Mode = Literal["pingpong", "stream", "oneshot", "hold"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 
@@ -37,6 +39,8 @@ class BenchConfig:
     host: str = "127.0.0.1"
     port: int | None = None
     unix_path: str | None = None
+    url: str | None = None
+    """``--url ws://`` or ``wss://``: a WebSocket server; sets host, port and tls from itself."""
     tls: bool = False
     tls_ca: str | None = None
     udp: bool = False
@@ -64,7 +68,9 @@ class BenchConfig:
             raise BenchConfigError("--requests must be at least 1")
         if self.mode == "hold" and self.duration is None:
             raise BenchConfigError("--mode hold needs --duration (how long to hold)")
-        if (self.port is None) == (self.unix_path is None):
+        if self.url is not None:
+            websocket.adopt_url(self)
+        elif (self.port is None) == (self.unix_path is None):
             raise BenchConfigError("give exactly one of --port and --unix")
         if self.port is not None and not 0 < self.port < 65536:
             raise BenchConfigError("--port must be between 1 and 65535")
@@ -114,7 +120,9 @@ class BenchConfig:
 
     @property
     def target(self) -> str:
-        """The server as a URL: tcp://, tls://, udp:// or unix://."""
+        """The server as a URL: tcp://, tls://, udp://, unix://, or --url (ws://, wss://)."""
+        if self.url is not None:
+            return self.url
         if self.unix_path is not None:
             return f"{'unix+tls' if self.tls else 'unix'}://{self.unix_path}"
         scheme = "udp" if self.udp else "tls" if self.tls else "tcp"

@@ -22,6 +22,11 @@ from echo_async.bench.config import BenchConfig
 from echo_async.bench.counters import Counters, cannot_resolve, describe
 from echo_async.bench.datagram import DatagramClient
 from echo_async.bench.greeting import GreetingError, GreetingReader
+from echo_async.bench.websocket import (
+    WebSocketPipelineClient,
+    WebSocketSingleEchoClient,
+    parse_url,
+)
 
 TICK_S = 0.25
 CONNECT_CONCURRENCY = 512  # connects in progress at once: a SYN flood helps no one
@@ -92,6 +97,12 @@ class Driver:
         self.live_slots = 0
         self.last = (0, 0, 0, 0, 0)
         self.gate: asyncio.Semaphore | None = None
+        self.last_tick = 0
+        # --url: the same traffic shapes, one WebSocket message per echo.
+        self.websocket_uri = None if config.url is None else parse_url(config.url)
+        self.single_echo: Callable[..., AnyClient] = SingleEchoClient
+        if self.websocket_uri is not None:
+            self.single_echo = partial(WebSocketSingleEchoClient, uri=self.websocket_uri)
 
     async def run(self) -> ShareSummary:
         """Run to the end (duration, requests, too many errors, stop) and return the summary."""
@@ -120,6 +131,9 @@ class Driver:
             await asyncio.gather(*tasks, return_exceptions=True)
             if closing:
                 await asyncio.wait(closing, timeout=CLOSE_WAIT_S)
+        if (self.counters.errors, self.counters.mismatched_bytes) != self.last[3:]:
+            # Found while closing (a WebSocket close code): into the last tick, so they count.
+            self._emit(self.last_tick, self.started + elapsed)
         return ShareSummary(
             elapsed_s=elapsed,
             error_kinds=dict(self.counters.error_kinds),
@@ -173,6 +187,7 @@ class Driver:
         )
         delta = [now_value - before for now_value, before in zip(current, self.last, strict=True)]
         self.last = current
+        self.last_tick = tick
         self.emit(
             Sample(
                 tick=tick,
@@ -291,6 +306,11 @@ class Driver:
         if config.udp:
             return DatagramClient(self.counters, index, config.size)
         interval = self._interval_ns()
+        if self.websocket_uri is not None:
+            phase = interval * number // config.connections
+            return WebSocketPipelineClient(
+                self.counters, index, config.size, config.depth, interval, phase, self.websocket_uri
+            )
         if config.depth == 1 and interval == 0:
             return PingPongClient(self.counters, index, config.size)
         phase = interval * number // config.connections
@@ -326,7 +346,7 @@ class Driver:
                 due += interval
             else:
                 client = await self._open(
-                    partial(SingleEchoClient, counters, index, config.size, hang_up=True)
+                    partial(self.single_echo, counters, index, config.size, hang_up=True)
                 )
             if client is None:
                 counters.budget += 1
@@ -339,7 +359,7 @@ class Driver:
                 return
 
     def _due_client(self, index: int, due: int, _: int) -> AnyClient:
-        return SingleEchoClient(self.counters, index, self.config.size, due, hang_up=True)
+        return self.single_echo(self.counters, index, self.config.size, due, hang_up=True)
 
     async def _hold(self, number: int) -> None:
         """hold: open one connection, echo once, then keep it open until the run ends."""
@@ -347,7 +367,7 @@ class Driver:
         index = config.connection_offset + number
         await self._pace(number)
         client = await self._open(
-            partial(SingleEchoClient, self.counters, index, config.size, hang_up=False)
+            partial(self.single_echo, self.counters, index, config.size, hang_up=False)
         )
         if client is not None:
             await asyncio.wait((client.closed,))

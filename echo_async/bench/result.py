@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from hdrh.histogram import HdrHistogram
+
+from echo_async.bench import hdr
 from echo_async.bench.config import BenchConfig, Mode
 from echo_async.bench.driver import TICK_S, Sample, ShareSummary
 from echo_async.bench.histogram import Histogram
@@ -39,7 +43,13 @@ class Interval:
 
 @dataclass(slots=True)
 class BenchResult:
-    """Totals, rates, the latency histogram and the timeline of one load test."""
+    """Totals, rates, the latency histogram and the timeline of one load test.
+
+    ``latency`` holds the whole run's counts as recorded, ``latency_hdr`` the same counts in
+    the ``hdrhistogram`` package's HdrHistogram, which :meth:`latency_ms` reports from;
+    ``latency_clamped`` of them were above its range (see :func:`hdr.to_hdr`).
+    ``started_at``: when the load began, in seconds since the epoch.
+    """
 
     mode: Mode
     connections: int
@@ -53,9 +63,12 @@ class BenchResult:
     errors: int
     mismatched_bytes: int
     latency: Histogram
+    latency_hdr: HdrHistogram
+    latency_clamped: int
     intervals: list[Interval]
     error_kinds: dict[str, int]
     first_mismatch: str | None
+    started_at: float
     backends: dict[str, int] | None = None
     """Connections per greeting line, most first (``--greeting`` only; else None)."""
     requests: int | None = None
@@ -82,9 +95,14 @@ class BenchResult:
         """p50, p90, p99, p999 and max of the round-trip latency, in milliseconds.
 
         All zero when no round trip completed: check ``latency.total`` before reading them.
+        They come from ``latency_hdr``, so they are what HdrHistogram's tools read in the
+        ``--hdr-log`` file.
         """
-        values = {name: self.latency.percentile(percent) for name, percent in PERCENTILES}
-        values["max"] = self.latency.max
+        source = self.latency_hdr
+        values = {
+            name: int(source.get_value_at_percentile(percent)) for name, percent in PERCENTILES
+        }
+        values["max"] = int(source.get_max_value())
         return {name: round(value / 1e6, 6) for name, value in values.items()}
 
     def problems(self) -> list[str]:
@@ -176,6 +194,7 @@ class Aggregate:
 
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
+        self.started_at = time.time()  # until the first sample says when the load began
         self.latency = Histogram()
         self.intervals: dict[int, Interval] = {}
         self.open_by_process: dict[int, int] = {}
@@ -188,6 +207,8 @@ class Aggregate:
 
     def add(self, process: int, sample: Sample) -> None:
         """Fold in one sample of process number ``process``."""
+        if not self.intervals:
+            self.started_at = time.time() - sample.elapsed_s
         interval = self.intervals.get(sample.tick)
         if interval is None:
             interval = self.intervals[sample.tick] = Interval(
@@ -232,6 +253,7 @@ class Aggregate:
         mismatches = [summary.first_mismatch for summary in summaries if summary.first_mismatch]
         backends = merge_backends([summary.backends for summary in summaries])
         config = self.config
+        latency_hdr, clamped = hdr.to_hdr(self.latency, hdr.highest_trackable_ns(config.timeout))
         return BenchResult(
             mode=config.mode,
             connections=config.connections,
@@ -245,9 +267,12 @@ class Aggregate:
             errors=self.errors,
             mismatched_bytes=self.mismatched_bytes,
             latency=self.latency,
+            latency_hdr=latency_hdr,
+            latency_clamped=clamped,
             intervals=[self.intervals[tick] for tick in sorted(self.intervals)],
             error_kinds=error_kinds,
             first_mismatch=mismatches[0] if mismatches else None,
+            started_at=self.started_at,
             backends=backends if config.greeting else None,
             requests=config.requests,
         )

@@ -1,4 +1,4 @@
-"""`echo-async serve --listen ws://...` as a process: SIGTERM echoes what was received, then 1001."""
+"""`echo-async serve --listen ws://...` as a process: SIGTERM echoes what was sent, then 1001."""
 
 from __future__ import annotations
 
