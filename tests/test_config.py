@@ -43,6 +43,11 @@ def test_defaults_are_safe() -> None:
         ("write_buffer_high", 10, "write_buffer_high: 10 is out of range"),
         ("listen", ("sctp://127.0.0.1:1",), "listen: 'sctp://127.0.0.1:1': expected"),
         ("greeting", "two\nlines", "greeting: must be one line"),
+        ("listen", ("ws://127.0.0.1:1/a?b",), "listen: 'ws://127.0.0.1:1/a?b': the path must"),
+        ("listen", ("ws://127.0.0.1:1/a b",), "listen: 'ws://127.0.0.1:1/a b': the path must"),
+        ("listen", ("wss://127.0.0.1:1/",), "listen: wss://127.0.0.1:1/ needs --tls-cert"),
+        ("ws_max_message", -1, "ws_max_message: -1 is out of range"),
+        ("ws_handshake_timeout", 0, "ws_handshake_timeout: must be more than 0"),
     ],
 )
 def test_invalid_values_name_the_field(option: str, value: Any, message: str) -> None:
@@ -52,6 +57,18 @@ def test_invalid_values_name_the_field(option: str, value: Any, message: str) ->
     assert str(raised.value).startswith(message)
     assert raised.value.option == raised.value.field == option
     assert "\n" not in str(raised.value)
+
+
+def test_websocket_listeners_keep_their_path() -> None:
+    config = ServerConfig(listen=("ws://127.0.0.1:80", "ws://[::1]:81/echo/v1"))
+    assert [(item.scheme, item.host, item.port, item.path) for item in config.listeners] == [
+        ("ws", "127.0.0.1", 80, "/"),
+        ("ws", "::1", 81, "/echo/v1"),
+    ]
+    assert [item.url for item in config.listeners] == [
+        "ws://127.0.0.1:80/",
+        "ws://[::1]:81/echo/v1",
+    ]
 
 
 def test_service_config_errors_name_the_field() -> None:

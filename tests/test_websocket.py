@@ -328,3 +328,15 @@ async def test_the_pytest_fixture_starts_a_websocket_listener(echo_server_factor
     server = await echo_server_factory(ServerConfig(listen=("ws://127.0.0.1:0/",)))
     async with connect(server.addresses[0]) as ws:
         assert await round_trip(ws, ["from a fixture"]) == ["from a fixture"]
+
+
+async def test_an_inherited_socket_is_served_as_the_ws_listener_with_its_port() -> None:
+    # systemd socket activation: the socket comes bound; the config says it is ws:// on /echo.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = ServerConfig(listen=(f"ws://127.0.0.1:{port}/echo", "tcp://127.0.0.1:1"))
+    async with EchoServer(config, sockets=[sock]) as server:
+        assert server.addresses == [f"ws://127.0.0.1:{port}/echo"]
+        async with connect(server.addresses[0]) as ws:
+            assert await round_trip(ws, [b"inherited"]) == [b"inherited"]
