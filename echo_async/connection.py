@@ -521,7 +521,12 @@ class EchoConnection(asyncio.BaseProtocol):
             return
         self.close_reason = reason
         # A second abort before connection_lost sees an emptied buffer: keep the first count.
-        self.unsent = max(self.unsent, self.transport.get_write_buffer_size())
+        queued = self.transport.get_write_buffer_size()
+        if self.websocket is not None:
+            # The queue holds frames (headers, pongs, our close), not payload: count at most
+            # what was echoed, so bytes_out never goes below zero.
+            queued = min(queued, self.bytes_in - self.discarded)
+        self.unsent = max(self.unsent, queued)
         self.transport.abort()
 
     # -- accounting ----------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from websockets.protocol import State as ProtocolState
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
+from echo_async.connection import FINISH_TIMEOUT_S
+
 if TYPE_CHECKING:
     from echo_async.connection import EchoConnection
 
@@ -58,6 +60,8 @@ class WebSocketSession:
     """The WebSocket side of one connection: handshake, frames, echo, close handshake."""
 
     __slots__ = (
+        "answer_held",
+        "close_after_message",
         "close_code",
         "connection",
         "messages_in",
@@ -78,6 +82,10 @@ class WebSocketSession:
         self.messages_in = 0
         self.messages_out = 0
         self.close_code: int | None = None
+        # A finish that began while a fragmented message was being echoed: its reason.
+        self.close_after_message: str | None = None
+        # True while echoing the data frames that came ahead of a close in the same chunk.
+        self.answer_held = False
         # The UTF-8 check of a text message whose frames are still arriving.
         self.text: codecs.IncrementalDecoder | None = None
         # Bytes from the wire fed to the protocol, and how many a finish lets through.
@@ -90,13 +98,21 @@ class WebSocketSession:
         """Bytes from the client (the connection is OPEN or FINISHING)."""
         self.wire_in += len(data)
         protocol = self.protocol
+        was_open = protocol.state is ProtocolState.OPEN
         protocol.receive_data(data)
+        held: list[bytes] = []
+        if was_open and protocol.state is not ProtocolState.OPEN:
+            # The protocol answers a close (or fails) as it parses, before we see the data
+            # frames that came ahead of it in this chunk: those are echoed first, then its close.
+            held = protocol.data_to_send()
+            self.answer_held = True
         for event in protocol.events_received():
             if isinstance(event, Frame):
                 self._frame(event)
             elif isinstance(event, Request):
                 self._request(event)
-        self._flush()
+        self.answer_held = False
+        self._flush(held)
         connection = self.connection
         if self.wire_in >= self.wire_limit and connection.close_reason is not None:
             connection.send_eof()  # the finish's budget is spent: close handshake now
@@ -104,12 +120,23 @@ class WebSocketSession:
     def _request(self, request: Request) -> None:
         protocol = self.protocol
         connection = self.connection
+        # The protocol parses what follows the request before we answer it: pongs for pings
+        # sent ahead of our response are queued already, and they must follow it.
+        early = protocol.data_to_send()
+        if protocol.eof_sent:
+            # What followed was no frame (a pipelined request), or a close: the protocol gave
+            # up already, and send_response() would assert.
+            self._bad_request("data after the request that is no WebSocket frame")
+            return
         if request.path.partition("?")[0] != self.path:
             response = protocol.reject(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         else:
             response = protocol.accept(request)
         protocol.send_response(response)
-        connection.transport.write(b"".join(chunk for chunk in protocol.data_to_send()))
+        writes = protocol.data_to_send()
+        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
+            writes += early
+        connection.transport.write(b"".join(writes))
         if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
             reason = response.reason_phrase
             detail = f"HTTP {response.status_code} {reason}"
@@ -136,15 +163,21 @@ class WebSocketSession:
         if not self._valid_text(opcode, data, frame.fin):
             return
         protocol = self.protocol
-        if protocol.state is not ProtocolState.OPEN:
+        held = self.answer_held
+        if protocol.state is not ProtocolState.OPEN and not held:
             connection.discarded += size  # after our close frame nothing more is echoed
             return
         if connection.bytes_in > connection.echo_limit:
             connection.discarded += size
-            connection.close_reason = "max_bytes"
-            connection.send_eof()
+            if not held:
+                connection.close_reason = "max_bytes"
+                connection.send_eof()
             return
-        if opcode is Opcode.TEXT:
+        if held:
+            # The state is CLOSING already, so send_text() & co. would refuse: the frame goes
+            # out through send_frame(), still ahead of the held close.
+            protocol.send_frame(Frame(opcode, data, frame.fin))
+        elif opcode is Opcode.TEXT:
             protocol.send_text(data, frame.fin)
         elif opcode is Opcode.BINARY:
             protocol.send_binary(data, frame.fin)
@@ -152,6 +185,8 @@ class WebSocketSession:
             protocol.send_continuation(data, frame.fin)
         if frame.fin:
             self.messages_out += 1
+            if self.close_after_message is not None and not held:
+                self.close_first(self.close_after_message)  # the message is whole: close now
 
     def _valid_text(self, opcode: Opcode, data: BytesLike, fin: bool) -> bool:
         """Check text as it passes: invalid UTF-8 fails the connection (1007)."""
@@ -166,6 +201,7 @@ class WebSocketSession:
             decoder.decode(data, final=fin)
         except UnicodeDecodeError as error:
             self.connection.discarded += len(data)
+            self.answer_held = False  # nothing after invalid text is echoed
             self.protocol.fail(CloseCode.INVALID_DATA, f"invalid UTF-8 at byte {error.start}")
             self._failed(REASON_WS_PROTOCOL, "invalid UTF-8 in a text message")
             return False
@@ -188,8 +224,11 @@ class WebSocketSession:
 
     # -- output --------------------------------------------------------------------------------
 
-    def _flush(self) -> None:
-        """Hand what the protocol wants sent to the connection; its EOF ends our side."""
+    def _flush(self, held: list[bytes] | None = None) -> None:
+        """Hand what the protocol wants sent to the connection; its EOF ends our side.
+
+        `held` is protocol output taken earlier that must follow what it queued since.
+        """
         protocol = self.protocol
         if protocol.parser_exc is not None and self.connection.close_reason is None:
             error = protocol.parser_exc
@@ -200,6 +239,8 @@ class WebSocketSession:
         if protocol.close_sent is not None and self.close_code is None:
             self.close_code = int(protocol.close_sent.code)
         writes = protocol.data_to_send()
+        if held:
+            writes += held
         if not writes:
             return
         connection = self.connection
@@ -209,17 +250,27 @@ class WebSocketSession:
             connection.echo(data)
         if end:
             if not self.opened and protocol.handshake_exc is not None:
-                self._bad_request()
+                if data:  # the protocol sent its own answer (414, 431)
+                    status = data.partition(b"\r\n")[0].decode("latin-1").partition(" ")[2]
+                    detail = f"HTTP {status}: {protocol.handshake_exc}"
+                    connection.reject(REASON_WS_HANDSHAKE, detail)
+                else:
+                    self._bad_request(str(protocol.handshake_exc))
                 return
+            # Our side is done: the client gets FINISH_TIMEOUT_S to read what is queued (it
+            # is LINGERING from now on, where --idle-timeout no longer applies).
+            connection.finish_deadline = min(
+                connection.finish_deadline, time.monotonic() + FINISH_TIMEOUT_S
+            )
             connection.send_eof()
 
-    def _bad_request(self) -> None:
-        """Not HTTP at all: the protocol ends without a response, we send a 400 first."""
+    def _bad_request(self, why: str) -> None:
+        """A request we can't answer with the protocol: we send a 400 ourselves, then close."""
         protocol = self.protocol
         connection = self.connection
         response = protocol.reject(http.HTTPStatus.BAD_REQUEST, "Bad Request\n")
         connection.transport.write(response.serialize())
-        connection.reject(REASON_WS_HANDSHAKE, f"HTTP 400 Bad Request: {protocol.handshake_exc}")
+        connection.reject(REASON_WS_HANDSHAKE, f"HTTP 400 Bad Request: {why}")
 
     def greet(self, text: bytes) -> None:
         """Send the greeting as the first text message (without its newline)."""
@@ -242,6 +293,12 @@ class WebSocketSession:
         protocol = self.protocol
         state = protocol.state
         if state is ProtocolState.OPEN:
+            if protocol.expect_continuation_frame and reason != "max_bytes":
+                # We are echoing a fragmented message: a close now would cut it (RFC 6455 allows
+                # that, many clients fail the connection). The close follows its last fragment,
+                # within the finish deadline (see _frame). --max-bytes ends it mid-message.
+                self.close_after_message = reason or ""
+                return True
             code, text = _CLOSE_FOR_REASON.get(reason or "", (CloseCode.NORMAL_CLOSURE, ""))
             protocol.send_close(code, text)
             self._flush()
