@@ -4,8 +4,6 @@ and the reported percentiles are the package's, equal to the bench histogram's.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import math
 import re
@@ -22,6 +20,7 @@ from echo_async.bench import BenchConfig, BenchResult, cli, hdr, run_bench
 from echo_async.bench.driver import TICK_S, Sample
 from echo_async.bench.histogram import Histogram
 from echo_async.bench.result import Aggregate
+from tests.bench.test_bench_cli import parse, run
 
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
 HIGHEST_NS = hdr.highest_trackable_ns(10.0)
@@ -34,16 +33,6 @@ HEADER = [
     r"#\[BaseTime: (\d+\.\d+) \(seconds since epoch\)\]",
     r'"StartTimestamp","Interval_Length","Interval_Max","Interval_Compressed_Histogram"',
 ]
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="echo-async bench")
-    cli.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-async def run(argv: list[str]) -> int:
-    return await asyncio.to_thread(cli.run, parse(argv))
 
 
 def pingpong(port: int, *extra: str) -> list[str]:
