@@ -252,7 +252,6 @@ class EchoConnection(asyncio.BaseProtocol):
             if self.bytes_in - size + allowed >= self.echo_limit:
                 if state is State.OPEN:
                     self.close_reason = REASON_MAX_BYTES
-                    self.finish_deadline = time.monotonic() + FINISH_TIMEOUT_S
                 self.send_eof()
             return
         # Lingering: our side already sent FIN, so what arrives is read and dropped rather
@@ -360,7 +359,6 @@ class EchoConnection(asyncio.BaseProtocol):
         self.close_reason = reason
         self.detail = detail
         self.echo_limit = self.bytes_in
-        self.finish_deadline = time.monotonic() + FINISH_TIMEOUT_S
         self.send_eof()
         self.owner.connection_rejected(self, reason, detail)
 
@@ -413,17 +411,19 @@ class EchoConnection(asyncio.BaseProtocol):
         On ws:// the WebSocket close handshake comes first: our close frame goes out now and
         the FIN once the client answers it (or at the finish deadline).
         """
+        now = time.monotonic()
+        if self.finish_deadline == math.inf:
+            # Whatever ends our side, the client gets FINISH_TIMEOUT_S to let the connection
+            # finish, then the sweep aborts it; an earlier deadline (a shutdown's) stands.
+            self.finish_deadline = now + FINISH_TIMEOUT_S
         websocket = self.websocket
         if websocket is not None and websocket.close_first(self.close_reason):
             if self.state is State.OPEN:
                 self.state = State.FINISHING
-                self.finish_deadline = min(
-                    self.finish_deadline, time.monotonic() + FINISH_TIMEOUT_S
-                )
             return
         self.state = State.LINGERING
         self.byte_limit = -1
-        self.last_active = time.monotonic()
+        self.last_active = now
         self.bytes_in_seen = self.bytes_in
         transport = self.transport
         if transport.is_closing():
@@ -521,11 +521,9 @@ class EchoConnection(asyncio.BaseProtocol):
             return
         self.close_reason = reason
         # A second abort before connection_lost sees an emptied buffer: keep the first count.
-        queued = self.transport.get_write_buffer_size()
-        if self.websocket is not None:
-            # The queue holds frames (headers, pongs, our close), not payload: count at most
-            # what was echoed, so bytes_out never goes below zero.
-            queued = min(queued, self.bytes_in - self.discarded)
+        # The queue may hold more than echoed payload (a greeting; on ws:// frame headers,
+        # pongs, our close): count at most what was echoed, so bytes_out never goes below 0.
+        queued = min(self.transport.get_write_buffer_size(), self.bytes_in - self.discarded)
         self.unsent = max(self.unsent, queued)
         self.transport.abort()
 

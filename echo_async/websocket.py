@@ -32,7 +32,13 @@ from websockets.protocol import State as ProtocolState
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
-from echo_async.connection import FINISH_TIMEOUT_S
+from echo_async.connection import (
+    REASON_EOF,
+    REASON_IDLE_TIMEOUT,
+    REASON_MAX_BYTES,
+    REASON_MAX_LIFETIME,
+    REASON_SHUTDOWN,
+)
 
 if TYPE_CHECKING:
     from echo_async.connection import EchoConnection
@@ -48,10 +54,10 @@ _SILENT = logging.Logger("echo_async.websocket.protocol", logging.CRITICAL + 1)
 
 # The close code and reason text a server-side finish sends, by the close record's reason.
 _CLOSE_FOR_REASON = {
-    "shutdown": (CloseCode.GOING_AWAY, "going away"),
-    "idle_timeout": (CloseCode.GOING_AWAY, "idle timeout"),
-    "max_lifetime": (CloseCode.GOING_AWAY, "max lifetime"),
-    "max_bytes": (CloseCode.POLICY_VIOLATION, "max bytes"),
+    REASON_SHUTDOWN: (CloseCode.GOING_AWAY, "going away"),
+    REASON_IDLE_TIMEOUT: (CloseCode.GOING_AWAY, "idle timeout"),
+    REASON_MAX_LIFETIME: (CloseCode.GOING_AWAY, "max lifetime"),
+    REASON_MAX_BYTES: (CloseCode.POLICY_VIOLATION, "max bytes"),
 }
 _DATA_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 
@@ -66,7 +72,6 @@ class WebSocketSession:
         "connection",
         "messages_in",
         "messages_out",
-        "opened",
         "path",
         "protocol",
         "text",
@@ -78,7 +83,6 @@ class WebSocketSession:
         self.connection = connection
         self.path = path
         self.protocol = ServerProtocol(max_size=max_message or None, logger=_SILENT)
-        self.opened = False
         self.messages_in = 0
         self.messages_out = 0
         self.close_code: int | None = None
@@ -113,9 +117,8 @@ class WebSocketSession:
                 self._request(event)
         self.answer_held = False
         self._flush(held)
-        connection = self.connection
-        if self.wire_in >= self.wire_limit and connection.close_reason is not None:
-            connection.send_eof()  # the finish's budget is spent: close handshake now
+        if self.wire_in >= self.wire_limit:
+            self.connection.send_eof()  # the finish's budget is spent: close handshake now
 
     def _request(self, request: Request) -> None:
         protocol = self.protocol
@@ -144,7 +147,6 @@ class WebSocketSession:
                 detail += f": {protocol.handshake_exc}"
             connection.reject(REASON_WS_HANDSHAKE, detail)
             return
-        self.opened = True
         connection.owner.connection_opened(connection)
 
     def _frame(self, frame: Frame) -> None:
@@ -170,7 +172,7 @@ class WebSocketSession:
         if connection.bytes_in > connection.echo_limit:
             connection.discarded += size
             if not held:
-                connection.close_reason = "max_bytes"
+                connection.close_reason = REASON_MAX_BYTES
                 connection.send_eof()
             return
         if held:
@@ -214,7 +216,7 @@ class WebSocketSession:
         if self.close_code is None and close is not None:
             self.close_code = int(close.code)
         if connection.close_reason is None:
-            connection.close_reason = "eof"  # the client ended it
+            connection.close_reason = REASON_EOF  # the client ended it
 
     def _failed(self, reason: str, detail: str) -> None:
         connection = self.connection
@@ -257,11 +259,6 @@ class WebSocketSession:
                 else:
                     self._bad_request(str(protocol.handshake_exc))
                 return
-            # Our side is done: the client gets FINISH_TIMEOUT_S to read what is queued (it
-            # is LINGERING from now on, where --idle-timeout no longer applies).
-            connection.finish_deadline = min(
-                connection.finish_deadline, time.monotonic() + FINISH_TIMEOUT_S
-            )
             connection.send_eof()
 
     def _bad_request(self, why: str) -> None:
@@ -271,6 +268,11 @@ class WebSocketSession:
         response = protocol.reject(http.HTTPStatus.BAD_REQUEST, "Bad Request\n")
         connection.transport.write(response.serialize())
         connection.reject(REASON_WS_HANDSHAKE, f"HTTP 400 Bad Request: {why}")
+
+    @property
+    def opened(self) -> bool:
+        """The opening handshake succeeded (101 sent); it stays so through the close."""
+        return self.protocol.state is not ProtocolState.CONNECTING
 
     def greet(self, text: bytes) -> None:
         """Send the greeting as the first text message (without its newline)."""
@@ -293,7 +295,7 @@ class WebSocketSession:
         protocol = self.protocol
         state = protocol.state
         if state is ProtocolState.OPEN:
-            if protocol.expect_continuation_frame and reason != "max_bytes":
+            if protocol.expect_continuation_frame and reason != REASON_MAX_BYTES:
                 # We are echoing a fragmented message: a close now would cut it (RFC 6455 allows
                 # that, many clients fail the connection). The close follows its last fragment,
                 # within the finish deadline (see _frame). --max-bytes ends it mid-message.

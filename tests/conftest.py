@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -33,6 +34,17 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> M
         return factories
     factories["uvloop"] = uvloop.new_event_loop
     return factories
+
+
+class Records(logging.Handler):
+    """A handler keeping every record it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 @pytest.fixture

@@ -18,23 +18,12 @@ from structlog.testing import capture_logs
 
 import echo_async
 from echo_async import EchoServer, ServerConfig
-from tests.conftest import echo_once
+from tests.conftest import Records, echo_once
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDING = ROOT / "docs" / "embedding.md"
 # The UDP listener beyond loopback makes the server log a WARNING at start.
 CONFIG = ServerConfig(listen=("tcp://127.0.0.1:0", "udp://0.0.0.0:0"), shutdown_timeout=2)
-
-
-class Records(logging.Handler):
-    """A handler keeping every record it is given."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.NOTSET)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture

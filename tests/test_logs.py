@@ -18,6 +18,7 @@ import pytest
 import structlog
 
 from echo_async.logs import configure_logging, library_logger, resolve_format
+from tests.conftest import Records
 
 
 @pytest.fixture(autouse=True)
@@ -229,15 +230,6 @@ def test_json_lines_match_json_dumps_and_a_circular_value_fails_alone() -> None:
 
 
 # -- the library's logger: the host's structlog, else stdlib logging --------------------------
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.NOTSET)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ async def test_a_request_the_protocol_answers_itself_gets_one_response(
 async def test_a_client_that_stops_reading_after_its_close_is_dropped_in_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("echo_async.websocket.FINISH_TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setattr("echo_async.connection.FINISH_TIMEOUT_S", 0.5)
     async with EchoServer(ws_config(idle_timeout=0.5)) as server:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
